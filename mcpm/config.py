@@ -1,0 +1,515 @@
+"""Typed, validated configuration: frozen dataclasses, YAML files and ``key=value`` overrides.
+
+One system for every layer of mcpm. A config is a tree of frozen dataclasses; YAML files and
+command-line overrides (``model.hidden_size=256``, dotted paths, values parsed as YAML) are
+merged into plain dicts first and converted once by :func:`from_dict`, which checks every key and
+type and names the offending key (with the closest valid spelling) when something is wrong.
+
+This module imports nothing else from mcpm: every layer may read configs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import types
+import typing
+import warnings
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid. The message names the key and suggests a fix."""
+
+
+# --------------------------------------------------------------------------------------------
+# Config dataclasses
+# --------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """LongRoPE as in the official ``rope_scaling`` block (``rope_type: longrope``)."""
+
+    long_factor: tuple[float, ...]
+    short_factor: tuple[float, ...]
+    original_max_position_embeddings: int
+    rope_type: Literal["longrope"] = "longrope"
+
+    def __post_init__(self):
+        if len(self.long_factor) != len(self.short_factor):
+            raise ConfigError(
+                f"rope_scaling.long_factor has {len(self.long_factor)} values but "
+                f"rope_scaling.short_factor has {len(self.short_factor)}; both need head_dim/2")
+        if self.original_max_position_embeddings <= 0:
+            raise ConfigError("rope_scaling.original_max_position_embeddings must be positive, "
+                              f"got {self.original_max_position_embeddings}")
+        for name in ("long_factor", "short_factor"):
+            if any(not (f > 0) for f in getattr(self, name)):
+                raise ConfigError(f"rope_scaling.{name} must hold positive numbers")
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseConfig:
+    """InfLLM v2 settings, with the official ``sparse_config`` keys (spec section 3)."""
+
+    kernel_size: int = 32
+    kernel_stride: int = 16
+    init_blocks: int = 1
+    block_size: int = 64
+    window_size: int = 2048
+    topk: int = 64
+    use_nope: bool = False
+    dense_len: int = 8192
+
+    def __post_init__(self):
+        for name in ("kernel_size", "kernel_stride", "block_size", "window_size", "topk"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"sparse_config.{name} must be positive, got {getattr(self, name)}")
+        if self.init_blocks < 0:
+            raise ConfigError(f"sparse_config.init_blocks must be >= 0, got {self.init_blocks}")
+        if self.kernel_size != 2 * self.kernel_stride:
+            raise ConfigError(
+                f"sparse_config.kernel_size ({self.kernel_size}) must be 2 x kernel_stride "
+                f"({self.kernel_stride}), as in the official kernels")
+        if self.block_size % self.kernel_stride:
+            raise ConfigError(f"sparse_config.block_size ({self.block_size}) must be a multiple of "
+                              f"kernel_stride ({self.kernel_stride})")
+        if self.window_size % self.block_size:
+            raise ConfigError(f"sparse_config.window_size ({self.window_size}) must be a multiple "
+                              f"of block_size ({self.block_size})")
+        if self.dense_len < -1:
+            raise ConfigError(f"sparse_config.dense_len must be -1 (always sparse) or >= 0, "
+                              f"got {self.dense_len}")
+
+
+DTypeName = Literal["float32", "bfloat16", "float16"]
+RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A MiniCPM4 model. Field names follow the official HF ``config.json`` where one exists.
+
+    The mcpm-only fields (``param_dtype``, ``compute_dtype``, ``remat``, ``mup_scale_embedding``)
+    say how to run the model, not what it is, and never reach a config.json.
+    """
+
+    vocab_size: int = 73448
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 32768
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[RopeScaling] = None
+    rms_norm_eps: float = 1e-6
+    scale_emb: float = 12.0
+    scale_depth: float = 1.4
+    dim_model_base: float = 256
+    initializer_range: float = 0.1
+    tie_word_embeddings: bool = True
+    bos_token_id: int = 1
+    eos_token_id: tuple[int, ...] = (2, 73440)
+    sparse_config: Optional[SparseConfig] = None
+    # How to run it (mcpm only).
+    param_dtype: DTypeName = "float32"
+    compute_dtype: DTypeName = "float32"
+    remat: RematPolicy = "none"
+    mup_scale_embedding: bool = False
+
+    def __post_init__(self):
+        positive = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
+                    "rope_theta", "rms_norm_eps", "dim_model_base", "initializer_range")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"model.hidden_size ({self.hidden_size}) must be divisible by "
+                f"model.num_attention_heads ({self.num_attention_heads})")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"model.num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"model.num_key_value_heads ({self.num_key_value_heads})")
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim = hidden_size / num_attention_heads = {self.head_dim} "
+                              "must be even for RoPE")
+        if self.rope_scaling is not None and len(self.rope_scaling.long_factor) != self.head_dim // 2:
+            raise ConfigError(
+                f"model.rope_scaling has {len(self.rope_scaling.long_factor)} factors but "
+                f"head_dim/2 = {self.head_dim // 2} are needed (head_dim = {self.head_dim})")
+        if not self.eos_token_id:
+            raise ConfigError("model.eos_token_id needs at least one id")
+        for tok in (self.bos_token_id, *self.eos_token_id):
+            if not 0 <= tok < self.vocab_size:
+                raise ConfigError(f"token id {tok} (bos/eos) is outside the vocabulary "
+                                  f"[0, {self.vocab_size})")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_groups(self) -> int:
+        """G: query heads per key/value head."""
+        return self.num_attention_heads // self.num_key_value_heads
+
+    @property
+    def width_mult(self) -> float:
+        """muP width multiplier m = hidden_size / dim_model_base (also the logit divisor)."""
+        return self.hidden_size / self.dim_model_base
+
+    @property
+    def residual_scale(self) -> float:
+        return self.scale_depth / math.sqrt(self.num_hidden_layers)
+
+    def num_params(self) -> int:
+        h, i, v, d = self.hidden_size, self.intermediate_size, self.vocab_size, self.head_dim
+        attn = h * d * (2 * self.num_attention_heads + 2 * self.num_key_value_heads)
+        per_layer = attn + 3 * h * i + 2 * h
+        return v * h * (1 if self.tie_word_embeddings else 2) + self.num_hidden_layers * per_layer + h
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateConfig:
+    """Defaults for ``mcpm generate``; every field can be overridden on the command line."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.max_new_tokens < 0:
+            raise ConfigError(f"generate.max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ConfigError(f"generate.temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ConfigError(f"generate.top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"generate.top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The root of a YAML file in ``configs/``."""
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    generate: GenerateConfig = dataclasses.field(default_factory=GenerateConfig)
+    seed: int = 0
+
+
+# --------------------------------------------------------------------------------------------
+# dict <-> dataclass, with checking
+# --------------------------------------------------------------------------------------------
+
+def _suggest(key: str, valid: Sequence[str]) -> str:
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(valid))}"
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, path: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and convert it (lists -> tuples, etc.)."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: {value!r} fits none of "
+                          f"{_type_name(tp)}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{path}: {value!r} is not one of {list(choices)}"
+                              + (_suggest(str(value), [str(c) for c in choices])
+                                 if isinstance(value, str) else ""))
+        return value
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool) and args[-1] is Ellipsis:
+            value = [value]  # a single value where a list is expected (HF's eos_token_id: 2)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        item = args[0]
+        return tuple(_convert(v, item, f"{path}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return from_dict(tp, value, path)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    if tp is Any:
+        return value
+    raise TypeError(f"unsupported config annotation {tp} at {path}")
+
+
+def from_dict(cls, data: dict, path: str = ""):
+    """Build dataclass ``cls`` from a nested dict, failing on unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{path}.{key}" if path else str(key)
+        if key not in fields:
+            raise ConfigError(f"unknown config key '{full}'" + _suggest(str(key), list(fields)))
+        kwargs[key] = _convert(value, hints[key], full)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        # __post_init__ messages say "model.x"; prefix nested paths other than the root model.
+        raise ConfigError(str(e)) from None
+
+
+def to_dict(cfg) -> dict:
+    """A plain nested dict (tuples as lists) that :func:`from_dict` turns back into ``cfg``."""
+    def plain(v):
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (tuple, list)):
+            return [plain(x) for x in v]
+        return v
+    return plain(cfg)
+
+
+# --------------------------------------------------------------------------------------------
+# YAML files and key=value overrides
+# --------------------------------------------------------------------------------------------
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"model.hidden_size=256"`` -> (["model", "hidden_size"], 256); values are parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key=value (e.g. model.hidden_size=256)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{text}': cannot parse the value: {e}") from None
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: Sequence[str], cls=Config) -> dict:
+    """Set each dotted ``key=value`` in a nested dict, checking each path against ``cls``."""
+    data = json.loads(json.dumps(data))  # deep copy of plain data
+    for text in overrides:
+        keys, value = parse_override(text)
+        node, node_cls = data, cls
+        for depth, key in enumerate(keys):
+            full = ".".join(keys[:depth + 1])
+            names = [f.name for f in dataclasses.fields(node_cls)] if node_cls else None
+            if names is not None and key not in names:
+                raise ConfigError(f"unknown config key '{full}'" + _suggest(key, names))
+            if depth == len(keys) - 1:
+                node[key] = value
+                break
+            hint = typing.get_type_hints(node_cls)[key]
+            sub_cls = next((a for a in (typing.get_args(hint) or (hint,))
+                            if dataclasses.is_dataclass(a)), None)
+            if sub_cls is None:
+                raise ConfigError(f"'{full}' is a value, not a section: cannot set '{text.split('=')[0]}'")
+            if not isinstance(node.get(key), dict):
+                node[key] = {}
+            node, node_cls = node[key], sub_cls
+    return data
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), cls=Config):
+    """Load a YAML config (or the defaults), apply ``key=value`` overrides, validate."""
+    data = load_yaml(path) if path is not None else {}
+    data = apply_overrides(data, overrides, cls)
+    try:
+        return from_dict(cls, data)
+    except ConfigError as e:
+        where = f"{path}: " if path is not None else ""
+        raise ConfigError(f"{where}{e}") from None
+
+
+def save_yaml(cfg, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# --------------------------------------------------------------------------------------------
+# Official HF config.json <-> ModelConfig
+# --------------------------------------------------------------------------------------------
+
+# Keys of config.json that ModelConfig owns. Everything else (architectures, torch_dtype,
+# transformers_version, ...) is passed through unchanged when a template is given.
+_HF_MODEL_KEYS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "max_position_embeddings", "rope_theta", "rope_scaling",
+    "rms_norm_eps", "scale_emb", "scale_depth", "dim_model_base", "initializer_range",
+    "tie_word_embeddings", "bos_token_id", "eos_token_id", "sparse_config")
+
+# What the official code assumes when a key is absent.
+_HF_DEFAULTS = {"tie_word_embeddings": True, "dim_model_base": 1, "rope_scaling": None,
+                "sparse_config": None}
+
+_HF_FIXED = {"hidden_act": "silu", "attention_bias": False, "pretraining_tp": 1}
+
+
+def model_config_from_hf(hf: dict, source: str = "config.json", **run_options) -> ModelConfig:
+    """Read an official MiniCPM ``config.json`` dict. ``run_options`` set mcpm-only fields."""
+    if hf.get("model_type", "minicpm") != "minicpm":
+        raise ConfigError(f"{source}: model_type is {hf.get('model_type')!r}, expected 'minicpm'")
+    for key, expected in _HF_FIXED.items():
+        if key in hf and hf[key] != expected:
+            raise ConfigError(f"{source}: {key} = {hf[key]!r} is not supported (MiniCPM4 uses "
+                              f"{expected!r})")
+    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                           "num_attention_heads") if k not in hf]
+    if missing:
+        raise ConfigError(f"{source}: missing required keys {missing}")
+    if "dim_model_base" not in hf:
+        warnings.warn(f"{source} has no dim_model_base; using 1 as the official code does "
+                      "(logits divided by hidden_size). Add \"dim_model_base\": 256 if this is a "
+                      "MiniCPM4 release config.", stacklevel=2)
+    data = {}
+    for key in _HF_MODEL_KEYS:
+        if key in hf:
+            data[key] = hf[key]
+        elif key in _HF_DEFAULTS:
+            data[key] = _HF_DEFAULTS[key]
+    data.setdefault("num_key_value_heads", hf["num_attention_heads"])
+    rope = data.get("rope_scaling")
+    if rope is not None:
+        rope = dict(rope)
+        kind = rope.pop("rope_type", rope.pop("type", None))
+        if kind != "longrope":
+            raise ConfigError(f"{source}: rope_scaling type {kind!r} is not supported "
+                              "(MiniCPM4 uses 'longrope')")
+        rope.pop("factor", None)
+        data["rope_scaling"] = rope
+    data.update(run_options)
+    try:
+        return from_dict(ModelConfig, data, "")
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def _num(x: float):
+    """Write integral floats as ints the way the official configs do (scale_emb: 12)."""
+    return int(x) if isinstance(x, float) and x.is_integer() else x
+
+
+def model_config_to_hf(cfg: ModelConfig, template: dict | None = None) -> dict:
+    """An official-format ``config.json`` dict for ``cfg``.
+
+    With ``template`` (the config.json a checkpoint came with) every key mcpm does not own is kept
+    as it was, and keys the template left out stay out while their value is the official default,
+    so ``model_config_to_hf(model_config_from_hf(d), d) == d``.
+    """
+    out = dict(template) if template is not None else {
+        "architectures": ["MiniCPMForCausalLM"],
+        "model_type": "minicpm",
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "pretraining_tp": 1,
+        "use_cache": True,
+        "torch_dtype": cfg.param_dtype,
+    }
+    values = {
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": None if cfg.rope_scaling is None else {
+            "rope_type": "longrope",
+            "long_factor": list(cfg.rope_scaling.long_factor),
+            "short_factor": list(cfg.rope_scaling.short_factor),
+            "original_max_position_embeddings": cfg.rope_scaling.original_max_position_embeddings,
+        },
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "scale_emb": _num(cfg.scale_emb),
+        "scale_depth": _num(cfg.scale_depth),
+        "dim_model_base": _num(cfg.dim_model_base),
+        "initializer_range": cfg.initializer_range,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": (cfg.eos_token_id[0] if len(cfg.eos_token_id) == 1 else
+                         list(cfg.eos_token_id)),
+        "sparse_config": None if cfg.sparse_config is None else to_dict(cfg.sparse_config),
+    }
+    if template is not None:
+        if isinstance(template.get("eos_token_id"), list):
+            values["eos_token_id"] = list(cfg.eos_token_id)
+        old_rope = template.get("rope_scaling")
+        if old_rope is not None and values["rope_scaling"] is not None:
+            # keep the template's key order and its spelling of the type key
+            merged = dict(old_rope)
+            merged.update({k: v for k, v in values["rope_scaling"].items() if k != "rope_type"})
+            if "type" in old_rope and "rope_type" not in old_rope:
+                merged["type"] = "longrope"
+            else:
+                merged["rope_type"] = "longrope"
+            values["rope_scaling"] = merged
+        for key, val in values.items():
+            if key not in template and key in _HF_DEFAULTS and val == _HF_DEFAULTS[key]:
+                continue
+            if key in template and _same_number(template[key], val):
+                continue  # keep 12 vs 12.0 as the template wrote it
+            out[key] = val
+    else:
+        out.update(values)
+    return out
+
+
+def _same_number(a, b) -> bool:
+    return (isinstance(a, (int, float)) and isinstance(b, (int, float))
+            and not isinstance(a, bool) and not isinstance(b, bool) and a == b)

@@ -1,0 +1,56 @@
+"""The attention seam: every attention call in the model goes through :func:`attention`.
+
+Today it computes dense grouped-query attention; InfLLM v2 (spec section 3) plugs in here when a
+``sparse_config`` is set and the key length reaches ``dense_len``.
+
+Mask convention (everywhere in mcpm): boolean, True = attend.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from mcpm.config import ModelConfig
+
+
+def attention_mask(q_slot_bt: jax.Array, q_seg_bt: jax.Array,
+                   k_slot_bs: jax.Array, k_seg_bs: jax.Array) -> jax.Array:
+    """Boolean ``[B, T, S]``: causal in slot order, same segment, never a padding key (seg 0)."""
+    causal = k_slot_bs[:, None, :] <= q_slot_bt[:, :, None]
+    same_doc = k_seg_bs[:, None, :] == q_seg_bt[:, :, None]
+    return causal & same_doc & (k_seg_bs[:, None, :] != 0)
+
+
+def dense_attention(q_btnd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array,
+                    mask_bts: jax.Array) -> jax.Array:
+    """softmax(q k^T / sqrt(D) masked) v in float32; query head n uses kv head n // G.
+
+    Rows with no visible key (padding queries) return zeros instead of NaN.
+    """
+    b, t, n, d = q_btnd.shape
+    kv = k_bskd.shape[2]
+    q_btkgd = q_btnd.reshape(b, t, kv, n // kv, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q_btkgd, k_bskd,
+                        preferred_element_type=jnp.float32) / math.sqrt(d)
+    mask = mask_bts[:, None, None, :, :]
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    probs = jnp.where(mask, probs, 0.0).astype(v_bskd.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v_bskd)
+    return out.reshape(b, t, n, d)
+
+
+def attention(q_btnd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, mask_bts: jax.Array,
+              cfg: ModelConfig) -> jax.Array:
+    """Pick the attention implementation for this call (shapes are static under jit)."""
+    sparse = cfg.sparse_config
+    key_len = k_bskd.shape[1]
+    if sparse is not None and (sparse.dense_len == -1 or key_len >= sparse.dense_len):
+        raise NotImplementedError(
+            f"InfLLM v2 sparse attention is needed for {key_len} keys (sparse_config.dense_len = "
+            f"{sparse.dense_len}) but is not implemented yet (issue 3). Below dense_len the "
+            "official model is dense and mcpm matches it; remove sparse_config or raise dense_len "
+            "to run dense attention at this length.")
+    return dense_attention(q_btnd, k_bskd, v_bskd, mask_bts)

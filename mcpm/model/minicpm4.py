@@ -1,0 +1,196 @@
+"""The MiniCPM4 decoder in Flax NNX (spec section 2).
+
+Conventions: B batch, T new positions, S cache slots, H hidden, D head_dim, N query heads,
+K kv heads, I intermediate, V vocab, L layers. Layer weights are stacked along a leading L axis
+and applied with ``jax.lax.scan`` (one compiled layer body whatever the depth, optional remat).
+Every parameter carries logical axis names in ``sharding_names`` for the mesh rules of training.
+
+Weight layouts (HF's torch Linear stores [out, in]; mcpm stores [in, out] split into heads):
+``embed [V,H]``, ``q [L,H,N,D]``, ``k,v [L,H,K,D]``, ``o [L,N,D,H]``, ``gate,up [L,H,I]``,
+``down [L,I,H]``, norms ``[L,H]`` / ``[H]``, ``lm_head [H,V]`` (untied models only).
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mcpm.config import ModelConfig
+from mcpm.model.attention import attention, attention_mask
+from mcpm.model.layers import apply_rope, rms_norm, rope_cos_sin, swiglu
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+# Logical axis names of every parameter (the training issue maps them onto a mesh).
+LOGICAL_AXES = {
+    "embed": ("vocab", "embed"),
+    "final_norm": ("embed",),
+    "lm_head": ("embed", "vocab"),
+    "attn_norm": ("layers", "embed"),
+    "q": ("layers", "embed", "heads", "head_dim"),
+    "k": ("layers", "embed", "kv_heads", "head_dim"),
+    "v": ("layers", "embed", "kv_heads", "head_dim"),
+    "o": ("layers", "heads", "head_dim", "embed"),
+    "mlp_norm": ("layers", "embed"),
+    "gate": ("layers", "embed", "mlp"),
+    "up": ("layers", "embed", "mlp"),
+    "down": ("layers", "mlp", "embed"),
+}
+
+LAYER_PARAMS = ("attn_norm", "q", "k", "v", "o", "mlp_norm", "gate", "up", "down")
+
+
+def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Shape of every parameter by name (layer parameters include the leading L)."""
+    L, H, N, K, D, I, V = (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads,
+                           cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size,
+                           cfg.vocab_size)
+    shapes = {"embed": (V, H), "final_norm": (H,),
+              "attn_norm": (L, H), "q": (L, H, N, D), "k": (L, H, K, D), "v": (L, H, K, D),
+              "o": (L, N, D, H), "mlp_norm": (L, H), "gate": (L, H, I), "up": (L, H, I),
+              "down": (L, I, H)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head"] = (H, V)
+    return shapes
+
+
+def init_std(name: str, cfg: ModelConfig) -> float:
+    """muP initialisation (spec 2.8): hidden matrices init_std / sqrt(m); embeddings init_std
+    (also divided by sqrt(m) when ``mup_scale_embedding``); norms are ones."""
+    m = cfg.width_mult
+    if name in ("embed", "lm_head"):
+        return cfg.initializer_range / (math.sqrt(m) if cfg.mup_scale_embedding else 1.0)
+    return cfg.initializer_range / math.sqrt(m)
+
+
+class KVCache(NamedTuple):
+    """Preallocated keys and values of every layer, plus what each slot holds.
+
+    ``k, v``: ``[L, B, S, K, D]``; ``segment_ids [B, S]`` (0 = empty or padding slot);
+    ``index``: int32 scalar, the number of slots written so far (the same for every row).
+    """
+
+    k: jax.Array
+    v: jax.Array
+    segment_ids: jax.Array
+    index: jax.Array
+
+    @staticmethod
+    def create(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
+        dtype = dtype or DTYPES[cfg.compute_dtype]
+        shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+                       jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+
+def _remat(fn, policy: str):
+    if policy == "none":
+        return fn
+    policies = {"full": None,
+                "dots": jax.checkpoint_policies.dots_saveable,
+                "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+    return jax.checkpoint(fn, policy=policies[policy])
+
+
+class MiniCPM4(nnx.Module):
+    """MiniCPM4 causal LM. ``model(ids) -> float32 logits [B, T, V]``.
+
+    With ``cache=`` (a :class:`KVCache`) the new keys/values are written at ``cache.index`` and
+    ``(logits, new_cache)`` is returned: that is prefill and decode.
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        pdtype = DTYPES[config.param_dtype]
+        key = rngs.params()
+        shapes = param_shapes(config)
+        keys = dict(zip(shapes, jax.random.split(key, len(shapes))))
+        with nnx.use_eager_sharding(False):
+            for name, shape in shapes.items():
+                if name.endswith("norm"):
+                    value = jnp.ones(shape, pdtype)
+                else:
+                    value = (init_std(name, config)
+                             * jax.random.normal(keys[name], shape, jnp.float32)).astype(pdtype)
+                setattr(self, name, nnx.Param(value, sharding_names=LOGICAL_AXES[name]))
+
+    # -- forward ---------------------------------------------------------------------------
+    def __call__(self, input_ids: jax.Array, *, positions: Optional[jax.Array] = None,
+                 segment_ids: Optional[jax.Array] = None, cache: Optional[KVCache] = None):
+        """``input_ids [B, T]`` -> logits ``[B, T, V]`` (float32), or (logits, cache).
+
+        positions ``[B, T]``: RoPE positions (default: 0.. without a cache, cache.index.. with).
+        segment_ids ``[B, T]``: documents of packed sequences; 0 marks padding (default all 1).
+        Attention is causal, never crosses segments and never sees padding keys.
+        """
+        cfg = self.config
+        cdtype = DTYPES[cfg.compute_dtype]
+        b, t = input_ids.shape
+        start = jnp.zeros((), jnp.int32) if cache is None else cache.index
+        q_slot = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+        if positions is None:
+            positions = q_slot
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, t), jnp.int32)
+        segment_ids = segment_ids.astype(jnp.int32)
+
+        if cache is None:
+            mask = attention_mask(q_slot, segment_ids, q_slot, segment_ids)
+        else:
+            new_seg = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, start))
+            k_slot = jnp.broadcast_to(jnp.arange(cache.max_len, dtype=jnp.int32),
+                                      (b, cache.max_len))
+            mask = attention_mask(q_slot, segment_ids, k_slot, new_seg)
+        cos, sin = rope_cos_sin(positions, cfg)
+
+        h = self.embed.value.astype(cdtype)[input_ids] * jnp.asarray(cfg.scale_emb, cdtype)
+        layer_params = {name: getattr(self, name).value.astype(cdtype) for name in LAYER_PARAMS}
+        r = cfg.residual_scale
+
+        def layer(h_bth, p, kv_cache):
+            x = rms_norm(h_bth, p["attn_norm"], cfg.rms_norm_eps)
+            q = apply_rope(jnp.einsum("bth,hnd->btnd", x, p["q"]), cos, sin)
+            k = apply_rope(jnp.einsum("bth,hkd->btkd", x, p["k"]), cos, sin)
+            v = jnp.einsum("bth,hkd->btkd", x, p["v"])
+            if kv_cache is not None:
+                k = jax.lax.dynamic_update_slice(kv_cache[0], k.astype(kv_cache[0].dtype),
+                                                 (0, start, 0, 0))
+                v = jax.lax.dynamic_update_slice(kv_cache[1], v.astype(kv_cache[1].dtype),
+                                                 (0, start, 0, 0))
+                kv_cache = (k, v)
+                k, v = k.astype(cdtype), v.astype(cdtype)
+            o = attention(q, k, v, mask, cfg)
+            h_bth = h_bth + r * jnp.einsum("btnd,ndh->bth", o, p["o"])
+            x = rms_norm(h_bth, p["mlp_norm"], cfg.rms_norm_eps)
+            h_bth = h_bth + r * swiglu(x, p["gate"], p["up"], p["down"])
+            return h_bth, kv_cache
+
+        if cache is None:
+            body = _remat(lambda carry, p: (layer(carry, p, None)[0], None), cfg.remat)
+            h, _ = jax.lax.scan(body, h, layer_params)
+            new_cache = None
+        else:
+            def body(carry, xs):
+                p, kc, vc = xs
+                carry, (kc, vc) = layer(carry, p, (kc, vc))
+                return carry, (kc, vc)
+            h, (ks, vs) = jax.lax.scan(_remat(body, cfg.remat), h, (layer_params, cache.k, cache.v))
+            new_cache = KVCache(ks, vs, new_seg, start + t)
+
+        x = rms_norm(h, self.final_norm.value.astype(cdtype), cfg.rms_norm_eps)
+        x = x / jnp.asarray(cfg.width_mult, cdtype)
+        if cfg.tie_word_embeddings:
+            logits = jnp.einsum("bth,vh->btv", x, self.embed.value.astype(cdtype),
+                                preferred_element_type=jnp.float32)
+        else:
+            logits = jnp.einsum("bth,hv->btv", x, self.lm_head.value.astype(cdtype),
+                                preferred_element_type=jnp.float32)
+        logits = logits.astype(jnp.float32)
+        return logits if cache is None else (logits, new_cache)
