@@ -1,0 +1,56 @@
+"""The Hugging Face-style entry points: ``from_pretrained`` and friends."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mcpm.checkpoint import is_mcpm_checkpoint, load_checkpoint
+from mcpm.config import ModelConfig
+from mcpm.hf import CheckpointError, is_hf_dir, read_hf_checkpoint
+from mcpm.model.minicpm4 import DTYPES, MiniCPM4
+
+
+def load_params(path: str | Path, progress: bool = False, **run_options
+                ) -> tuple[ModelConfig, dict | None, dict[str, np.ndarray]]:
+    """(config, HF config template, numpy params) from an HF directory or an mcpm checkpoint."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist")
+    if is_mcpm_checkpoint(path):
+        return load_checkpoint(path, **run_options)
+    if is_hf_dir(path):
+        return read_hf_checkpoint(path, progress=progress, **run_options)
+    raise CheckpointError(f"{path} is neither an mcpm checkpoint (model.yaml + params/) nor a "
+                          "Hugging Face directory (config.json + model.safetensors[.index.json])")
+
+
+def model_from_params(cfg: ModelConfig, params: dict[str, np.ndarray]) -> MiniCPM4:
+    """Build a MiniCPM4 holding ``params`` (cast to ``cfg.param_dtype``) without a random init."""
+    abstract = nnx.eval_shape(lambda: MiniCPM4(cfg, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    dtype = DTYPES[cfg.param_dtype]
+    pure = {name: jnp.asarray(value, dtype) for name, value in params.items()}
+    nnx.replace_by_pure_dict(state, pure)
+    return nnx.merge(graphdef, state)
+
+
+def params_of(model: MiniCPM4) -> dict[str, np.ndarray]:
+    """The model's parameters as host numpy arrays, by mcpm name."""
+    pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return {name: np.asarray(jax.device_get(value)) for name, value in pure.items()}
+
+
+def from_pretrained(path: str | Path, *, param_dtype: str | None = None,
+                    compute_dtype: str | None = None, progress: bool = False) -> MiniCPM4:
+    """Load a MiniCPM4 from an official HF directory or an mcpm checkpoint.
+
+    Parameters are float32 unless ``param_dtype`` says otherwise, whatever the file holds.
+    """
+    run_options = {k: v for k, v in (("param_dtype", param_dtype),
+                                     ("compute_dtype", compute_dtype)) if v is not None}
+    cfg, _, params = load_params(path, progress=progress, **run_options)
+    return model_from_params(cfg, params)

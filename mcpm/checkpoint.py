@@ -1,0 +1,84 @@
+"""mcpm's own checkpoint directory: an orbax parameter tree plus the config and tokenizer.
+
+Layout of a directory written by :func:`save_checkpoint`::
+
+    model.yaml          the ModelConfig (mcpm.config.to_dict)
+    hf_config.json      the config.json the weights came with, if any (exact HF round trips)
+    params/             orbax StandardCheckpointer tree {name: array}, dtypes as given
+    tokenizer.model     ... and the other tokenizer files, when known
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from mcpm.config import ConfigError, ModelConfig, from_dict, to_dict
+from mcpm.hf import CheckpointError, atomic_output_dir, check_params, copy_tokenizer_files
+
+MODEL_YAML = "model.yaml"
+HF_TEMPLATE = "hf_config.json"
+PARAMS_DIR = "params"
+
+
+def is_mcpm_checkpoint(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / MODEL_YAML).is_file() and (path / PARAMS_DIR).is_dir()
+
+
+def _checkpointer():
+    import orbax.checkpoint as ocp
+    return ocp.StandardCheckpointer()
+
+
+def save_checkpoint(out_dir: str | Path, cfg: ModelConfig, params: dict[str, np.ndarray], *,
+                    hf_config_template: dict | None = None, tokenizer_dir: str | Path | None = None,
+                    overwrite: bool = False) -> Path:
+    """Write a complete mcpm checkpoint directory atomically (refuses an existing one unless
+    ``overwrite``)."""
+    check_params(params, cfg)
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        (tmp / MODEL_YAML).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        if hf_config_template is not None:
+            (tmp / HF_TEMPLATE).write_text(json.dumps(hf_config_template, indent=2) + "\n")
+        ckpt = _checkpointer()
+        ckpt.save((tmp / PARAMS_DIR).absolute(), dict(params))
+        ckpt.wait_until_finished()
+        ckpt.close()
+        if tokenizer_dir is not None:
+            copy_tokenizer_files(tokenizer_dir, tmp)
+    return Path(out_dir)
+
+
+def load_model_config(path: str | Path, **run_options) -> ModelConfig:
+    path = Path(path) / MODEL_YAML
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+        data.update(run_options)
+        return from_dict(ModelConfig, data, "model")
+    except (OSError, yaml.YAMLError) as e:
+        raise CheckpointError(f"{path}: cannot read the model config ({e})") from None
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def load_checkpoint(path: str | Path, **run_options
+                    ) -> tuple[ModelConfig, dict | None, dict[str, np.ndarray]]:
+    """(config, HF config template or None, numpy params) of an mcpm checkpoint directory."""
+    path = Path(path)
+    if not is_mcpm_checkpoint(path):
+        raise CheckpointError(f"{path} is not an mcpm checkpoint (needs {MODEL_YAML} and "
+                              f"{PARAMS_DIR}/)")
+    cfg = load_model_config(path, **run_options)
+    template = None
+    if (path / HF_TEMPLATE).is_file():
+        template = json.loads((path / HF_TEMPLATE).read_text())
+    try:
+        params = _checkpointer().restore((path / PARAMS_DIR).absolute())
+    except Exception as e:  # orbax raises many types for damaged trees
+        raise CheckpointError(f"{path / PARAMS_DIR}: cannot restore parameters ({e})") from None
+    params = {k: np.asarray(v) for k, v in params.items()}
+    check_params(params, cfg, source=str(path / PARAMS_DIR))
+    return cfg, template, params

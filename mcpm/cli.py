@@ -1,0 +1,246 @@
+"""The ``mcpm`` command: one thin function per subcommand.
+
+Every subcommand that takes a config also takes ``key=value`` overrides with dotted paths
+(``model.hidden_size=128 generate.temperature=0.7``).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_PROMPT = "def fibonacci(n):"
+
+
+def _overrides_and_extras(items: list[str]) -> list[str]:
+    bad = [x for x in items if "=" not in x]
+    if bad:
+        raise SystemExit(f"mcpm: unexpected argument(s) {bad}; overrides look like key=value")
+    return items
+
+
+# -- convert ---------------------------------------------------------------------------------
+
+def cmd_convert_from_hf(args) -> int:
+    from mcpm.checkpoint import save_checkpoint
+    from mcpm.hf import read_hf_checkpoint
+
+    dtype = None if args.dtype == "keep" else args.dtype
+    cfg, hf_config, params = read_hf_checkpoint(args.hf_dir, dtype=_np_dtype(dtype), progress=True)
+    save_checkpoint(args.out, cfg, params, hf_config_template=hf_config,
+                    tokenizer_dir=args.hf_dir, overwrite=args.overwrite)
+    print(f"wrote mcpm checkpoint {args.out} ({cfg.num_params() / 1e6:.1f}M parameters)")
+    return 0
+
+
+def cmd_convert_to_hf(args) -> int:
+    from mcpm.api import load_params
+    from mcpm.hf import write_hf_checkpoint
+
+    cfg, template, params = load_params(args.src, progress=True)
+    if args.dtype != "keep":
+        params = {k: v.astype(_np_dtype(args.dtype)) for k, v in params.items()}
+    write_hf_checkpoint(params, cfg, args.out, hf_config_template=template,
+                        tokenizer_dir=args.src, max_shard_size=args.max_shard_size,
+                        overwrite=args.overwrite, progress=True)
+    print(f"wrote Hugging Face checkpoint {args.out}")
+    return 0
+
+
+def _np_dtype(name):
+    if name is None:
+        return None
+    import ml_dtypes
+    import numpy as np
+    return {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}[name]
+
+
+# -- init / config ---------------------------------------------------------------------------
+
+def cmd_init(args) -> int:
+    from flax import nnx
+
+    from mcpm.api import params_of
+    from mcpm.checkpoint import save_checkpoint
+    from mcpm.config import load_config
+    from mcpm.model import MiniCPM4
+
+    cfg = load_config(args.config, _overrides_and_extras(args.overrides))
+    model = MiniCPM4(cfg.model, rngs=nnx.Rngs(cfg.seed))
+    save_checkpoint(args.out, cfg.model, params_of(model), tokenizer_dir=args.tokenizer,
+                    overwrite=args.overwrite)
+    print(f"wrote randomly initialised checkpoint {args.out} "
+          f"({cfg.model.num_params() / 1e6:.2f}M parameters)")
+    return 0
+
+
+def cmd_config_show(args) -> int:
+    import yaml
+
+    from mcpm.config import load_config, to_dict
+    cfg = load_config(args.config, _overrides_and_extras(args.overrides))
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+    return 0
+
+
+# -- tokenizer ---------------------------------------------------------------------------------
+
+def cmd_tokenizer_train(args) -> int:
+    from mcpm.data.builtin_corpus import stdlib_source_files
+    from mcpm.tokenizer import train_tokenizer
+
+    files = args.input or stdlib_source_files()
+    t0 = time.time()
+    path = train_tokenizer(files, args.out, vocab_size=args.vocab_size,
+                           max_sentences=args.max_sentences)
+    print(f"trained a {args.vocab_size}-piece SentencePiece model on {len(files)} file(s) in "
+          f"{time.time() - t0:.1f}s: {path}")
+    return 0
+
+
+# -- generate ----------------------------------------------------------------------------------
+
+def cmd_generate(args) -> int:
+    from mcpm.api import load_params, model_from_params
+    from mcpm.config import Config, load_config
+    from mcpm.generate import stream_generate
+    from mcpm.tokenizer import Tokenizer
+
+    overrides = _overrides_and_extras(args.overrides)
+    run_cfg = load_config(None, overrides, Config)
+    run_opts = {k: getattr(run_cfg.model, k) for k in ("param_dtype", "compute_dtype")
+                if any(o.startswith(f"model.{k}=") for o in overrides)}
+    model_overrides = [o for o in overrides if o.startswith("model.")
+                       and o.split("=")[0][len("model."):] not in run_opts]
+    if model_overrides:
+        raise SystemExit(f"mcpm generate: only model.param_dtype and model.compute_dtype can be "
+                         f"overridden for a trained checkpoint, not {model_overrides}")
+    cfg, _, params = load_params(args.checkpoint, **run_opts)
+    model = model_from_params(cfg, params)
+    tok = Tokenizer(args.tokenizer or args.checkpoint, cfg.bos_token_id, cfg.eos_token_id)
+    gen = run_cfg.generate
+    prompt_ids = tok.encode(args.prompt)
+    print(args.prompt, end="", flush=True)
+    new: list[int] = []
+    shown = ""
+    t0 = time.time()
+    for step in stream_generate(model, [prompt_ids], gen.max_new_tokens,
+                                temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p,
+                                seed=gen.seed):
+        new.append(int(step[0]))
+        text = tok.decode(new)
+        if text.startswith(shown):  # print only what is new (pieces may merge)
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+    dt = time.time() - t0
+    print(f"\n[{len(new)} tokens in {dt:.2f}s, {len(new) / max(dt, 1e-9):.1f} tok/s incl. "
+          "compile]", file=sys.stderr)
+    return 0
+
+
+# -- demo ----------------------------------------------------------------------------------------
+
+def cmd_demo(args) -> int:
+    """Tokenizer on the stdlib, a fresh tiny model, save, export to HF, reload, generate."""
+    from mcpm.data.builtin_corpus import stdlib_source_files
+    from mcpm.tokenizer import train_tokenizer
+
+    work = Path(args.workdir)
+    tok_dir = work / "tokenizer"
+    config = Path(args.config)
+    if not (tok_dir / "tokenizer.model").is_file():
+        print("== training a SentencePiece tokenizer on the Python standard library")
+        train_tokenizer(stdlib_source_files(), tok_dir, vocab_size=4096, max_sentences=300_000)
+    print(f"== initialising {config.name} (random weights until the training issue lands)")
+    ns = argparse.Namespace
+    cmd_init(ns(config=str(config), overrides=list(args.overrides), out=str(work / "init"),
+                tokenizer=str(tok_dir), overwrite=True))
+    print("== exporting to the official Hugging Face format and loading it back")
+    cmd_convert_to_hf(ns(src=str(work / "init"), out=str(work / "hf"), dtype="keep",
+                         max_shard_size="5GB", overwrite=True))
+    print("== generating (greedy) from the exported checkpoint")
+    return cmd_generate(ns(checkpoint=str(work / "hf"), tokenizer=None, prompt=args.prompt,
+                           overrides=["generate.max_new_tokens=32"]))
+
+
+# -- parser --------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mcpm", description="MiniCPM4 in JAX")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    conv = sub.add_parser("convert", help="official HF checkpoints <-> mcpm checkpoints")
+    csub = conv.add_subparsers(dest="direction", required=True)
+    f = csub.add_parser("from-hf", help="HF_DIR -> mcpm checkpoint (orbax)")
+    f.add_argument("hf_dir")
+    f.add_argument("out")
+    f.add_argument("--dtype", default="keep", choices=["keep", "float32", "bfloat16", "float16"],
+                   help="store parameters in this dtype (default: as in the files)")
+    f.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    f.set_defaults(func=cmd_convert_from_hf)
+    t = csub.add_parser("to-hf", help="mcpm checkpoint (or HF dir) -> official HF format")
+    t.add_argument("src")
+    t.add_argument("out")
+    t.add_argument("--dtype", default="keep", choices=["keep", "float32", "bfloat16", "float16"])
+    t.add_argument("--max-shard-size", default="5GB", help="e.g. 5GB, 500MB (default 5GB)")
+    t.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    t.set_defaults(func=cmd_convert_to_hf)
+
+    g = sub.add_parser("generate", help="stream text from a checkpoint")
+    g.add_argument("checkpoint", help="mcpm checkpoint or HF directory")
+    g.add_argument("--prompt", default=DEFAULT_PROMPT)
+    g.add_argument("--tokenizer", help="tokenizer.model or its directory (default: checkpoint's)")
+    g.add_argument("overrides", nargs="*",
+                   help="generate.max_new_tokens=64 generate.temperature=0.8 generate.top_k=50 "
+                        "generate.top_p=0.9 generate.seed=0 model.compute_dtype=bfloat16")
+    g.set_defaults(func=cmd_generate)
+
+    i = sub.add_parser("init", help="write a randomly initialised checkpoint for a config")
+    i.add_argument("config")
+    i.add_argument("out")
+    i.add_argument("overrides", nargs="*", help="key=value, e.g. model.num_hidden_layers=2")
+    i.add_argument("--tokenizer", help="directory whose tokenizer files to copy in")
+    i.add_argument("--overwrite", action="store_true")
+    i.set_defaults(func=cmd_init)
+
+    c = sub.add_parser("config", help="inspect configs")
+    csub2 = c.add_subparsers(dest="action", required=True)
+    s = csub2.add_parser("show", help="print the resolved config")
+    s.add_argument("config")
+    s.add_argument("overrides", nargs="*")
+    s.set_defaults(func=cmd_config_show)
+
+    tk = sub.add_parser("tokenizer", help="SentencePiece tokenizers")
+    tsub = tk.add_subparsers(dest="action", required=True)
+    tt = tsub.add_parser("train", help="train a tokenizer on local text files")
+    tt.add_argument("--input", nargs="*", help="text files (default: the Python stdlib sources)")
+    tt.add_argument("--out", required=True, help="directory for tokenizer.model")
+    tt.add_argument("--vocab-size", type=int, default=4096)
+    tt.add_argument("--max-sentences", type=int, default=2_000_000)
+    tt.set_defaults(func=cmd_tokenizer_train)
+
+    d = sub.add_parser("demo", help="end-to-end demo on the tiny config (quick start)")
+    d.add_argument("--config", default=str(Path(__file__).resolve().parent.parent / "configs"
+                                           / "tiny.yaml"))
+    d.add_argument("--workdir", default="runs/demo")
+    d.add_argument("--prompt", default=DEFAULT_PROMPT)
+    d.add_argument("overrides", nargs="*")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mcpm.config import ConfigError
+    from mcpm.hf import CheckpointError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, CheckpointError, FileExistsError, FileNotFoundError) as e:
+        print(f"mcpm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

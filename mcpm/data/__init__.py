@@ -1,0 +1,1 @@
+"""Data: the built-in corpus (more pipelines arrive with the training issue)."""

@@ -1,0 +1,87 @@
+"""SentencePiece tokenizers: load the official MiniCPM4 ``tokenizer.model`` or train a small one.
+
+Trained models use MiniCPM's special-token ids: <unk> 0, <s> (bos) 1, </s> (eos) 2.
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import sentencepiece as spm
+
+TOKENIZER_FILE = "tokenizer.model"
+
+
+class Tokenizer:
+    """A SentencePiece model with the bos/eos ids of a model config."""
+
+    def __init__(self, model_path: str | Path, bos_id: int | None = None,
+                 eos_ids: Sequence[int] | None = None):
+        path = Path(model_path)
+        if path.is_dir():
+            path = path / TOKENIZER_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"no SentencePiece model at {path}; train one with "
+                                    "`mcpm tokenizer train` or copy the official tokenizer.model")
+        self.path = path
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        except (OSError, RuntimeError) as e:
+            raise ValueError(f"{path}: not a SentencePiece model ({e})") from None
+        self.bos_id = self.sp.bos_id() if bos_id is None else bos_id
+        self.eos_ids = tuple([self.sp.eos_id()] if eos_ids is None else eos_ids)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        ids = self.sp.encode(text)
+        return [self.bos_id, *ids] if add_bos and self.bos_id >= 0 else ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of ``ids``, stopping at the first eos and skipping bos."""
+        out = []
+        for i in map(int, ids):
+            if i in self.eos_ids:
+                break
+            if i != self.bos_id:
+                out.append(i)
+        return self.sp.decode(out)
+
+
+def train_tokenizer(text_files: Sequence[str | Path], out_dir: str | Path, vocab_size: int = 4096,
+                    *, model_type: str = "bpe", max_sentences: int = 2_000_000,
+                    character_coverage: float = 0.9995, seed_text: Iterable[str] | None = None
+                    ) -> Path:
+    """Train a SentencePiece model on local text files; writes ``out_dir/tokenizer.model``."""
+    files = [Path(f) for f in text_files]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"tokenizer training text not found: {missing}")
+
+    def sentences():
+        if seed_text is not None:
+            yield from seed_text
+        for f in files:
+            with open(f, encoding="utf-8", errors="replace") as fh:
+                for line in fh:
+                    line = line.strip()
+                    if line:
+                        yield line
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=sentences(), model_writer=model, vocab_size=vocab_size,
+        model_type=model_type, character_coverage=character_coverage,
+        input_sentence_size=max_sentences, shuffle_input_sentence=True,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True,
+        split_digits=True, num_threads=2, minloglevel=2)
+    path = out_dir / TOKENIZER_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(model.getvalue())
+    tmp.replace(path)
+    return path

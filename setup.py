@@ -1,0 +1,38 @@
+"""mcpm: MiniCPM4 in JAX. Install for CPU with `pip install -e ".[test]"`.
+
+The distribution is called ``mcpm-jax`` (``mcpm`` on PyPI is an unrelated tool); the import
+names are ``mcpm`` and ``mcpm_kernels``. The Pallas kernels live in the top-level ``kernels/``
+folder of this repository but are installed as ``mcpm_kernels``: the name ``kernels`` belongs
+to another PyPI package that ``transformers`` imports when it is present.
+"""
+from setuptools import setup
+
+setup(
+    name="mcpm-jax",
+    version="0.1.0",
+    description="MiniCPM4 in JAX/Flax NNX: exact official-checkpoint interop, InfLLM v2, training",
+    python_requires=">=3.11",
+    packages=["mcpm", "mcpm.model", "mcpm.data", "mcpm_kernels"],
+    package_dir={"mcpm": "mcpm", "mcpm_kernels": "kernels"},
+    install_requires=[
+        "jax>=0.10.2,<0.13",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12.8,<0.13",
+        "grain>=0.2.18,<0.3",
+        "tensorflow-datasets>=4.9.10,<5",
+        "sentencepiece>=0.2,<0.3",
+        "safetensors>=0.7,<1",
+        "ml_dtypes>=0.5",
+        "numpy>=2.0,<3",
+        "pyyaml>=6",
+        "tqdm>=4.66",
+        "matplotlib>=3.8",
+    ],
+    extras_require={
+        "test": ["pytest>=8"],
+        "tpu": ["jax[tpu]>=0.10.2,<0.13"],
+        "gpu": ["jax[cuda12]>=0.10.2,<0.13"],
+    },
+    entry_points={"console_scripts": ["mcpm=mcpm.cli:main"]},
+)
