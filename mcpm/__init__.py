@@ -1,7 +1,7 @@
 """mcpm: MiniCPM4 in JAX. Public API re-exported here."""
 from mcpm.api import from_pretrained, load_params, model_from_params, params_of
 from mcpm.config import Config, ConfigError, ModelConfig, SparseConfig, load_config
-from mcpm.generate import generate, stream_generate
+from mcpm.generation import generate, stream_generate
 from mcpm.hf import CheckpointError
 from mcpm.model import KVCache, MiniCPM4
 

@@ -5,7 +5,7 @@ Layout of a directory written by :func:`save_checkpoint`::
     model.yaml          the ModelConfig (mcpm.config.to_dict)
     hf_config.json      the config.json the weights came with, if any (exact HF round trips)
     params/             orbax StandardCheckpointer tree {name: array}, dtypes as given
-    tokenizer.model     ... and the other tokenizer files, when known
+    tokenizer.model     ... and the other tokenizer files and generation_config.json, when known
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import numpy as np
 import yaml
 
 from mcpm.config import ConfigError, ModelConfig, from_dict, to_dict
-from mcpm.hf import CheckpointError, atomic_output_dir, check_params, copy_tokenizer_files
+from mcpm.hf import CheckpointError, atomic_output_dir, check_params, copy_aux_files
 
 MODEL_YAML = "model.yaml"
 HF_TEMPLATE = "hf_config.json"
@@ -34,7 +34,7 @@ def _checkpointer():
 
 
 def save_checkpoint(out_dir: str | Path, cfg: ModelConfig, params: dict[str, np.ndarray], *,
-                    hf_config_template: dict | None = None, tokenizer_dir: str | Path | None = None,
+                    hf_config_template: dict | None = None, aux_dir: str | Path | None = None,
                     overwrite: bool = False) -> Path:
     """Write a complete mcpm checkpoint directory atomically (refuses an existing one unless
     ``overwrite``)."""
@@ -47,8 +47,8 @@ def save_checkpoint(out_dir: str | Path, cfg: ModelConfig, params: dict[str, np.
         ckpt.save((tmp / PARAMS_DIR).absolute(), dict(params))
         ckpt.wait_until_finished()
         ckpt.close()
-        if tokenizer_dir is not None:
-            copy_tokenizer_files(tokenizer_dir, tmp)
+        if aux_dir is not None:
+            copy_aux_files(aux_dir, tmp)
     return Path(out_dir)
 
 

@@ -29,7 +29,7 @@ def cmd_convert_from_hf(args) -> int:
     dtype = None if args.dtype == "keep" else args.dtype
     cfg, hf_config, params = read_hf_checkpoint(args.hf_dir, dtype=_np_dtype(dtype), progress=True)
     save_checkpoint(args.out, cfg, params, hf_config_template=hf_config,
-                    tokenizer_dir=args.hf_dir, overwrite=args.overwrite)
+                    aux_dir=args.hf_dir, overwrite=args.overwrite)
     print(f"wrote mcpm checkpoint {args.out} ({cfg.num_params() / 1e6:.1f}M parameters)")
     return 0
 
@@ -42,7 +42,7 @@ def cmd_convert_to_hf(args) -> int:
     if args.dtype != "keep":
         params = {k: v.astype(_np_dtype(args.dtype)) for k, v in params.items()}
     write_hf_checkpoint(params, cfg, args.out, hf_config_template=template,
-                        tokenizer_dir=args.src, max_shard_size=args.max_shard_size,
+                        aux_dir=args.src, max_shard_size=args.max_shard_size,
                         overwrite=args.overwrite, progress=True)
     print(f"wrote Hugging Face checkpoint {args.out}")
     return 0
@@ -68,7 +68,7 @@ def cmd_init(args) -> int:
 
     cfg = load_config(args.config, _overrides_and_extras(args.overrides))
     model = MiniCPM4(cfg.model, rngs=nnx.Rngs(cfg.seed))
-    save_checkpoint(args.out, cfg.model, params_of(model), tokenizer_dir=args.tokenizer,
+    save_checkpoint(args.out, cfg.model, params_of(model), aux_dir=args.tokenizer,
                     overwrite=args.overwrite)
     print(f"wrote randomly initialised checkpoint {args.out} "
           f"({cfg.model.num_params() / 1e6:.2f}M parameters)")
@@ -104,7 +104,7 @@ def cmd_tokenizer_train(args) -> int:
 def cmd_generate(args) -> int:
     from mcpm.api import load_params, model_from_params
     from mcpm.config import Config, load_config
-    from mcpm.generate import stream_generate
+    from mcpm.generation import stream_generate
     from mcpm.tokenizer import Tokenizer
 
     overrides = _overrides_and_extras(args.overrides)

@@ -32,8 +32,9 @@ SAFETENSORS_DTYPES = {
 }
 _DTYPE_CODES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
-                   "special_tokens_map.json", "added_tokens.json")
+# Files that travel with the weights through every conversion, unchanged.
+AUX_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+             "special_tokens_map.json", "added_tokens.json", "generation_config.json")
 
 
 class CheckpointError(ValueError):
@@ -303,11 +304,12 @@ def parse_size(text: str | int) -> int:
 
 def write_hf_checkpoint(params: dict[str, np.ndarray], cfg: ModelConfig, out_dir: str | Path,
                         hf_config_template: dict | None = None,
-                        tokenizer_dir: str | Path | None = None,
+                        aux_dir: str | Path | None = None,
                         max_shard_size: str | int = "5GB", overwrite: bool = False,
                         progress: bool = False) -> Path:
-    """Write an official-format checkpoint directory (config.json, generation_config.json,
-    safetensors, index when sharded, tokenizer files) atomically."""
+    """Write an official-format checkpoint directory atomically: config.json, safetensors (with
+    an index when sharded), and generation_config.json plus tokenizer files copied from
+    ``aux_dir`` when it has them (a generation_config.json is made from the config otherwise)."""
     check_params(params, cfg)
     plan = hf_tensor_plan(params, cfg)
     limit = parse_size(max_shard_size)
@@ -348,8 +350,8 @@ def write_hf_checkpoint(params: dict[str, np.ndarray], cfg: ModelConfig, out_dir
             total = sum(int(np.prod(s)) * d.itemsize for _, _, s, d in plan)
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        if tokenizer_dir is not None:
-            copy_tokenizer_files(tokenizer_dir, tmp)
+        if aux_dir is not None:
+            copy_aux_files(aux_dir, tmp)
     return Path(out_dir)
 
 
@@ -381,9 +383,10 @@ def check_params(params: dict[str, np.ndarray], cfg: ModelConfig, source: str = 
                                   f"{list(params[name].shape)}, the config implies {list(shape)}")
 
 
-def copy_tokenizer_files(src_dir: str | Path, dst_dir: str | Path) -> list[str]:
+def copy_aux_files(src_dir: str | Path, dst_dir: str | Path) -> list[str]:
+    """Copy the tokenizer and generation-config files that ``src_dir`` has into ``dst_dir``."""
     copied = []
-    for name in TOKENIZER_FILES:
+    for name in AUX_FILES:
         src = Path(src_dir) / name
         if src.is_file():
             shutil.copy2(src, Path(dst_dir) / name)

@@ -3,7 +3,7 @@
 Conventions: B batch, T new positions, S cache slots, H hidden, D head_dim, N query heads,
 K kv heads, I intermediate, V vocab, L layers. Layer weights are stacked along a leading L axis
 and applied with ``jax.lax.scan`` (one compiled layer body whatever the depth, optional remat).
-Every parameter carries logical axis names in ``sharding_names`` for the mesh rules of training.
+Every parameter carries logical axis names in ``out_sharding`` metadata for the mesh rules of training.
 
 Weight layouts (HF's torch Linear stores [out, in]; mcpm stores [in, out] split into heads):
 ``embed [V,H]``, ``q [L,H,N,D]``, ``k,v [L,H,K,D]``, ``o [L,N,D,H]``, ``gate,up [L,H,I]``,
@@ -119,7 +119,7 @@ class MiniCPM4(nnx.Module):
                 else:
                     value = (init_std(name, config)
                              * jax.random.normal(keys[name], shape, jnp.float32)).astype(pdtype)
-                setattr(self, name, nnx.Param(value, sharding_names=LOGICAL_AXES[name]))
+                setattr(self, name, nnx.Param(value, out_sharding=LOGICAL_AXES[name]))
 
     # -- forward ---------------------------------------------------------------------------
     def __call__(self, input_ids: jax.Array, *, positions: Optional[jax.Array] = None,
@@ -150,8 +150,8 @@ class MiniCPM4(nnx.Module):
             mask = attention_mask(q_slot, segment_ids, k_slot, new_seg)
         cos, sin = rope_cos_sin(positions, cfg)
 
-        h = self.embed.value.astype(cdtype)[input_ids] * jnp.asarray(cfg.scale_emb, cdtype)
-        layer_params = {name: getattr(self, name).value.astype(cdtype) for name in LAYER_PARAMS}
+        h = self.embed[...].astype(cdtype)[input_ids] * jnp.asarray(cfg.scale_emb, cdtype)
+        layer_params = {name: getattr(self, name)[...].astype(cdtype) for name in LAYER_PARAMS}
         r = cfg.residual_scale
 
         def layer(h_bth, p, kv_cache):
@@ -184,13 +184,13 @@ class MiniCPM4(nnx.Module):
             h, (ks, vs) = jax.lax.scan(_remat(body, cfg.remat), h, (layer_params, cache.k, cache.v))
             new_cache = KVCache(ks, vs, new_seg, start + t)
 
-        x = rms_norm(h, self.final_norm.value.astype(cdtype), cfg.rms_norm_eps)
+        x = rms_norm(h, self.final_norm[...].astype(cdtype), cfg.rms_norm_eps)
         x = x / jnp.asarray(cfg.width_mult, cdtype)
         if cfg.tie_word_embeddings:
-            logits = jnp.einsum("bth,vh->btv", x, self.embed.value.astype(cdtype),
+            logits = jnp.einsum("bth,vh->btv", x, self.embed[...].astype(cdtype),
                                 preferred_element_type=jnp.float32)
         else:
-            logits = jnp.einsum("bth,hv->btv", x, self.lm_head.value.astype(cdtype),
+            logits = jnp.einsum("bth,hv->btv", x, self.lm_head[...].astype(cdtype),
                                 preferred_element_type=jnp.float32)
         logits = logits.astype(jnp.float32)
         return logits if cache is None else (logits, new_cache)

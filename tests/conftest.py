@@ -1,0 +1,21 @@
+"""Shared test fixtures: where the official reference checkpoints live, small configs."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("MCPM_SHARED", REPO.parent / "shared"))
+OFFICIAL = SHARED / "fixtures" / "official-minicpm4"
+OFFICIAL_CASES = ["tied_longrope_ext", "untied_longrope"]
+
+
+@pytest.fixture(params=OFFICIAL_CASES)
+def official_case(request) -> Path:
+    """A folder with hf/, ids.npy, logits.npy, greedy.npy made by the official PyTorch code."""
+    path = OFFICIAL / request.param
+    if not path.is_dir():
+        pytest.skip(f"official fixtures not found at {path} (set MCPM_SHARED)")
+    return path
