@@ -234,7 +234,13 @@ def main(argv: list[str] | None = None) -> int:
     from mcpm.config import ConfigError
     from mcpm.hf import CheckpointError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may follow options (argparse stops positionals at the first option)
+    if extra:
+        if not hasattr(args, "overrides") or any("=" not in x or x.startswith("-") for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
     try:
         return args.func(args)
     except (ConfigError, CheckpointError, FileExistsError, FileNotFoundError) as e:

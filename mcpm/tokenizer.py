@@ -67,8 +67,8 @@ def train_tokenizer(text_files: Sequence[str | Path], out_dir: str | Path, vocab
         for f in files:
             with open(f, encoding="utf-8", errors="replace") as fh:
                 for line in fh:
-                    line = line.strip()
-                    if line:
+                    line = line.rstrip("\n")
+                    if line.strip():
                         yield line
 
     out_dir = Path(out_dir)
@@ -79,7 +79,10 @@ def train_tokenizer(text_files: Sequence[str | Path], out_dir: str | Path, vocab
         model_type=model_type, character_coverage=character_coverage,
         input_sentence_size=max_sentences, shuffle_input_sentence=True,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True,
-        split_digits=True, num_threads=2, minloglevel=2)
+        split_digits=True, num_threads=2, minloglevel=2,
+        # keep text exactly (code needs its whitespace), as Llama-style tokenizers do
+        normalization_rule_name="identity", remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True)
     path = out_dir / TOKENIZER_FILE
     tmp = path.with_suffix(".tmp")
     tmp.write_bytes(model.getvalue())
