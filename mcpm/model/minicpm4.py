@@ -150,11 +150,13 @@ class MiniCPM4(nnx.Module):
             mask = attention_mask(q_slot, segment_ids, k_slot, new_seg)
         cos, sin = rope_cos_sin(positions, cfg)
 
-        h = self.embed[...].astype(cdtype)[input_ids] * jnp.asarray(cfg.scale_emb, cdtype)
-        layer_params = {name: getattr(self, name)[...].astype(cdtype) for name in LAYER_PARAMS}
+        h = self.embed[...][input_ids].astype(cdtype) * jnp.asarray(cfg.scale_emb, cdtype)
+        # cast one layer at a time inside the scan: no compute-dtype copy of the whole model
+        layer_params = {name: getattr(self, name)[...] for name in LAYER_PARAMS}
         r = cfg.residual_scale
 
         def layer(h_bth, p, kv_cache):
+            p = {name: w.astype(cdtype) for name, w in p.items()}
             x = rms_norm(h_bth, p["attn_norm"], cfg.rms_norm_eps)
             q = apply_rope(jnp.einsum("bth,hnd->btnd", x, p["q"]), cos, sin)
             k = apply_rope(jnp.einsum("bth,hkd->btkd", x, p["k"]), cos, sin)
