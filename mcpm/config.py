@@ -290,11 +290,12 @@ def from_dict(cls, data: dict, path: str = ""):
         if key not in fields:
             raise ConfigError(f"unknown config key '{full}'" + _suggest(str(key), list(fields)))
         kwargs[key] = _convert(value, hints[key], full)
-    try:
-        return cls(**kwargs)
-    except ConfigError as e:
-        # __post_init__ messages say "model.x"; prefix nested paths other than the root model.
-        raise ConfigError(str(e)) from None
+    required = [name for name, f in fields.items() if name not in kwargs
+                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if required:
+        where = f"'{path}'" if path else cls.__name__
+        raise ConfigError(f"{where} needs the key(s) {required}")
+    return cls(**kwargs)
 
 
 def to_dict(cfg) -> dict:
@@ -392,9 +393,12 @@ _HF_MODEL_KEYS = (
     "rms_norm_eps", "scale_emb", "scale_depth", "dim_model_base", "initializer_range",
     "tie_word_embeddings", "bos_token_id", "eos_token_id", "sparse_config")
 
-# What the official code assumes when a key is absent.
-_HF_DEFAULTS = {"tie_word_embeddings": True, "dim_model_base": 1, "rope_scaling": None,
-                "sparse_config": None}
+# What the official MiniCPMConfig assumes when a key is absent (num_key_value_heads defaults to
+# num_attention_heads). These, not mcpm's MiniCPM4 defaults, apply to a config.json.
+_HF_DEFAULTS = {"max_position_embeddings": 2048, "rope_theta": 10000.0, "rope_scaling": None,
+                "rms_norm_eps": 1e-6, "scale_emb": 1, "scale_depth": 1, "dim_model_base": 1,
+                "initializer_range": 0.02, "tie_word_embeddings": True, "bos_token_id": 1,
+                "eos_token_id": 2, "sparse_config": None}
 
 _HF_FIXED = {"hidden_act": "silu", "attention_bias": False, "pretraining_tp": 1}
 
@@ -415,12 +419,8 @@ def model_config_from_hf(hf: dict, source: str = "config.json", **run_options) -
         warnings.warn(f"{source} has no dim_model_base; using 1 as the official code does "
                       "(logits divided by hidden_size). Add \"dim_model_base\": 256 if this is a "
                       "MiniCPM4 release config.", stacklevel=2)
-    data = {}
-    for key in _HF_MODEL_KEYS:
-        if key in hf:
-            data[key] = hf[key]
-        elif key in _HF_DEFAULTS:
-            data[key] = _HF_DEFAULTS[key]
+    data = {key: hf.get(key, _HF_DEFAULTS.get(key)) for key in _HF_MODEL_KEYS
+            if key in hf or key in _HF_DEFAULTS}
     data.setdefault("num_key_value_heads", hf["num_attention_heads"])
     rope = data.get("rope_scaling")
     if rope is not None:
@@ -499,8 +499,9 @@ def model_config_to_hf(cfg: ModelConfig, template: dict | None = None) -> dict:
             else:
                 merged["rope_type"] = "longrope"
             values["rope_scaling"] = merged
+        defaults = dict(_HF_DEFAULTS, num_key_value_heads=cfg.num_attention_heads)
         for key, val in values.items():
-            if key not in template and key in _HF_DEFAULTS and val == _HF_DEFAULTS[key]:
+            if key not in template and key in defaults and val == defaults[key]:
                 continue
             if key in template and _same_number(template[key], val):
                 continue  # keep 12 vs 12.0 as the template wrote it

@@ -222,9 +222,6 @@ def test_valid_sparse_config_values():
         (64, 32, 128, 256, -1)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a section missing a required field raises a bare "
-                   "TypeError from the dataclass constructor instead of a ConfigError naming "
-                   "the missing keys")
 def test_missing_required_field_is_a_config_error():
     with pytest.raises(ConfigError, match="long_factor"):
         load_config(None, ["model.rope_scaling.original_max_position_embeddings=4"])
@@ -426,11 +423,6 @@ def test_hf_defaults_and_spellings():
     assert out == full and "rope_type" not in out["rope_scaling"]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (same root as the scale_emb one below): keys absent "
-                   "from a template config.json are written back with mcpm's defaults "
-                   "(max_position_embeddings 32768, initializer_range 0.1, ...), because only "
-                   "tie_word_embeddings/dim_model_base/rope_scaling/sparse_config are treated "
-                   "as official defaults; the docstring promises to_hf(from_hf(d), d) == d")
 def test_minimal_hf_config_template_round_trip():
     base = {"vocab_size": 320, "hidden_size": 64, "intermediate_size": 128,
             "num_hidden_layers": 2, "num_attention_heads": 8, "dim_model_base": 16,
@@ -483,10 +475,6 @@ def test_to_hf_without_template_round_trip(cfg):
         assert hf["rope_scaling"]["rope_type"] == "longrope"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: keys absent from config.json fall back to mcpm's "
-                   "MiniCPM4 defaults (scale_emb 12, scale_depth 1.4) instead of the official "
-                   "MiniCPMConfig defaults (scale_emb=1, scale_depth=1), so such a checkpoint "
-                   "would run with different constants than the official code")
 def test_hf_missing_scale_keys_use_official_defaults():
     hf = official_8b_dict()
     del hf["scale_emb"], hf["scale_depth"]
