@@ -30,3 +30,17 @@ def test_8b_compiles_without_a_model_sized_temporary():
     # temporaries: one layer's weights in bf16 plus activations, never the whole model
     assert mem.temp_size_in_bytes < 0.1 * mem.argument_size_in_bytes, mem
     assert seconds < 60  # a Python loop over 32 layers would compile far slower; scan is ~2 s
+
+
+def test_every_parameter_has_logical_axes_matching_its_rank():
+    cfg = load_config("configs/tiny.yaml").model
+    model = nnx.eval_shape(lambda: MiniCPM4(cfg, rngs=nnx.Rngs(0)))
+    specs = nnx.to_pure_dict(nnx.get_partition_spec(nnx.state(model, nnx.Param)))
+    shapes = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    assert set(specs) == set(shapes)
+    for name, spec in specs.items():
+        assert len(tuple(spec)) == len(shapes[name].shape), name
+    assert tuple(specs["q"]) == ("layers", "embed", "heads", "head_dim")
+    assert tuple(specs["k"]) == ("layers", "embed", "kv_heads", "head_dim")
+    assert tuple(specs["embed"]) == ("vocab", "embed")
+    assert tuple(specs["down"]) == ("layers", "mlp", "embed")
