@@ -1,8 +1,8 @@
 """Official Hugging Face MiniCPM4 checkpoints <-> mcpm parameters, streaming, without torch.
 
-Reading goes tensor by tensor from single-file or sharded safetensors into preallocated
-layer-stacked numpy buffers (the source dtype is kept), so peak memory is one copy of the model
-plus one tensor. Writing streams the safetensors format tensor by tensor for the same reason
+Reading goes tensor by tensor (plain file reads, not mmap) from single-file or sharded
+safetensors into preallocated layer-stacked numpy buffers (the source dtype is kept), so peak
+memory is one copy of the model plus one tensor. Writing streams the safetensors format tensor by tensor for the same reason
 (``safetensors.numpy.save_file`` serialises a whole file into one bytes object first).
 Every problem is reported with the file and tensor it concerns, and nothing is written
 half-done: outputs are assembled in a temporary directory and renamed into place.
@@ -21,7 +21,6 @@ from typing import Callable, Iterator
 
 import ml_dtypes
 import numpy as np
-from safetensors import SafetensorError, safe_open
 
 from mcpm.config import ModelConfig, model_config_from_hf, model_config_to_hf
 from mcpm.model.minicpm4 import param_shapes
@@ -142,38 +141,82 @@ def _weight_files(hf_dir: Path) -> dict[str, Path]:
             files[name] = fpath
         return files
     if single.is_file():
-        with _open_safetensors(single) as f:
-            return {name: single for name in f.keys()}
+        return {name: single for name in SafetensorsFile(single).keys()}
     if any(hf_dir.glob("*.bin")) or any(hf_dir.glob("*.pt")):
         raise CheckpointError(f"{hf_dir}: only PyTorch pickle weights found; mcpm reads "
                               "safetensors. Re-save with save_pretrained(safe_serialization=True).")
     raise CheckpointError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json")
 
 
-@contextmanager
-def _open_safetensors(path: Path):
-    try:
-        f = safe_open(str(path), framework="numpy")
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot read safetensors file ({e}); the file is corrupt "
-                              "or truncated: download or copy it again") from None
-    yield f
+class SafetensorsFile:
+    """A safetensors file read with ordinary file reads, one tensor at a time.
+
+    ``safetensors.safe_open`` memory-maps the file, and every page it touches stays resident
+    until the file is closed, which adds up to a second copy of a large shard. Reading each
+    tensor into a fresh array keeps only that tensor in flight. The header is checked against
+    the file size, so truncated or corrupt files fail up front, naming the file.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            size = self.path.stat().st_size
+            with open(self.path, "rb") as f:
+                (hlen,) = struct.unpack("<Q", f.read(8))
+                if hlen > min(size - 8, 100 * 2**20):
+                    raise ValueError(f"header length {hlen} does not fit the file ({size} bytes)")
+                header = json.loads(f.read(hlen))
+            if not isinstance(header, dict):
+                raise ValueError("the header is not a JSON object")
+        except (OSError, struct.error, ValueError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{self.path}: cannot read safetensors file ({e}); the file is "
+                                  "corrupt or truncated: download or copy it again") from None
+        header.pop("__metadata__", None)
+        self._base, data_size = 8 + hlen, size - 8 - hlen
+        self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
+        end_max = 0
+        for name, info in header.items():
+            try:
+                dtype = SAFETENSORS_DTYPES[info["dtype"]]
+                shape = tuple(int(d) for d in info["shape"])
+                start, end = (int(o) for o in info["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{self.path}: tensor {name} has an unsupported or "
+                                      f"malformed header entry {info}") from None
+            if start < 0 or end - start != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+                raise CheckpointError(f"{self.path}: tensor {name}: offsets {start}..{end} do "
+                                      f"not match shape {list(shape)} of {info['dtype']}")
+            self._entries[name] = (dtype, shape, start, end)
+            end_max = max(end_max, end)
+        if end_max > data_size:
+            raise CheckpointError(f"{self.path}: cannot read safetensors file: truncated, the "
+                                  f"header describes {end_max} bytes of tensor data but the file "
+                                  f"holds {data_size}; download or copy it again")
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def get(self, name: str) -> np.ndarray:
+        dtype, shape, start, end = self._entries[name]
+        out = np.empty(shape, dtype)
+        with open(self.path, "rb") as f:
+            f.seek(self._base + start)
+            if f.readinto(out.reshape(-1).view(np.uint8)) != end - start:
+                raise CheckpointError(f"{self.path}: tensor {name} is cut short")
+        return out
 
 
 def iter_hf_tensors(hf_dir: str | Path, names: list[str]) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (name, array) one tensor at a time, opening each shard once."""
-    hf_dir = Path(hf_dir)
-    files = _weight_files(hf_dir)
-    by_file: dict[Path, list[str]] = {}
+    """Yield (name, array) one tensor at a time, in the order given."""
+    files = _weight_files(Path(hf_dir))
+    readers: dict[Path, SafetensorsFile] = {}
     for name in names:
-        by_file.setdefault(files[name], []).append(name)
-    for path, file_names in by_file.items():
-        with _open_safetensors(path) as f:
-            for name in file_names:
-                try:
-                    yield name, f.get_tensor(name)
-                except (SafetensorError, OSError, ValueError, TypeError) as e:
-                    raise CheckpointError(f"{path}: cannot read tensor {name} ({e})") from None
+        path = files[name]
+        if path not in readers:
+            readers[path] = SafetensorsFile(path)
+        if name not in readers[path].keys():
+            raise CheckpointError(f"{path}: the index lists tensor {name} but the file lacks it")
+        yield name, readers[path].get(name)
 
 
 def read_hf_checkpoint(hf_dir: str | Path, dtype=None, progress: bool = False,
