@@ -137,3 +137,28 @@ def test_max_position_warning_and_empty_prompt():
         mcpm.generate(model, np.array([[1, 2, 3]]), max_new_tokens=15, eos_token_id=-1)
     with pytest.raises(ValueError, match="at least one token"):
         mcpm.generate(model, [[1, 2], []], max_new_tokens=2)
+
+
+def test_decode_step_updates_cache_in_place():
+    """The donated cache is the output buffer and no layer's keys/values are copied or
+    transposed per step (the cost that grew with batch x cache slots)."""
+    import re
+    import warnings
+
+    model = tiny_model(seed=4)
+    cfg = model.config
+    b, s = 3, 64
+    cache = mcpm.KVCache.create(cfg, b, s)
+    assert cache.k.shape == (2, b, 2, s, 8) and cache.max_len == s
+    graphdef, state = nnx.split(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # "Some donated buffers were not usable" fails here
+        hlo = gen_mod._decode_step.lower(graphdef, state, jnp.ones((b,), jnp.int32),
+                                         jnp.zeros((b,), jnp.int32), cache, jax.random.key(0),
+                                         (0.0, 0, 1.0)).compile().as_text()
+    assert "input_output_alias" in hlo.splitlines()[0]
+    cache_dims = [sorted(cache.k.shape), sorted(cache.k.shape[1:])]
+    moved = [line for line in hlo.splitlines()
+             if (m := re.search(r"= \w+\[([\d,]+)\]\{[\d,]*\} (copy|transpose)\(", line))
+             and sorted(map(int, m.group(1).split(","))) in cache_dims]
+    assert not moved, moved

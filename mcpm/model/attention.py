@@ -1,4 +1,5 @@
-"""The attention seam: every attention call in the model goes through :func:`attention`.
+"""The attention seam: every attention call in the model goes through :func:`attention` (or
+:func:`cached_attention`, the same over one layer of the head-major KV cache).
 
 Today it computes dense grouped-query attention; InfLLM v2 (spec section 3) plugs in here when a
 ``sparse_config`` is set and the key length reaches ``dense_len``.
@@ -23,6 +24,13 @@ def attention_mask(q_slot_bt: jax.Array, q_seg_bt: jax.Array,
     return causal & same_doc & (k_seg_bs[:, None, :] != 0)
 
 
+def _masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
+    """float32 softmax over the last axis where ``mask``; rows with no visible key give zeros
+    (padding queries) instead of NaN."""
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    return jnp.where(mask, jax.nn.softmax(scores, axis=-1), 0.0)
+
+
 def dense_attention(q_btnd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array,
                     mask_bts: jax.Array) -> jax.Array:
     """softmax(q k^T / sqrt(D) masked) v in float32; query head n uses kv head n // G.
@@ -34,23 +42,45 @@ def dense_attention(q_btnd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array,
     q_btkgd = q_btnd.reshape(b, t, kv, n // kv, d)
     scores = jnp.einsum("btkgd,bskd->bkgts", q_btkgd, k_bskd,
                         preferred_element_type=jnp.float32) / math.sqrt(d)
-    mask = mask_bts[:, None, None, :, :]
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1)
-    probs = jnp.where(mask, probs, 0.0).astype(v_bskd.dtype)
+    probs = _masked_softmax(scores, mask_bts[:, None, None, :, :]).astype(v_bskd.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v_bskd)
     return out.reshape(b, t, n, d)
 
 
-def attention(q_btnd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, mask_bts: jax.Array,
-              cfg: ModelConfig) -> jax.Array:
-    """Pick the attention implementation for this call (shapes are static under jit)."""
+def dense_attention_head_major(q_btnd: jax.Array, k_bksd: jax.Array, v_bksd: jax.Array,
+                               mask_bts: jax.Array) -> jax.Array:
+    """:func:`dense_attention` with keys/values in the KV cache's head-major ``[B, K, S, D]``
+    layout: (b, k) are the leading batch dims of both einsums, so the keys and values are read
+    in place, never transposed."""
+    b, t, n, d = q_btnd.shape
+    kv = k_bksd.shape[1]
+    q_btkgd = q_btnd.reshape(b, t, kv, n // kv, d)
+    scores = jnp.einsum("btkgd,bksd->bktgs", q_btkgd, k_bksd,
+                        preferred_element_type=jnp.float32) / math.sqrt(d)
+    probs = _masked_softmax(scores, mask_bts[:, None, :, None, :]).astype(v_bksd.dtype)
+    out = jnp.einsum("bktgs,bksd->btkgd", probs, v_bksd)
+    return out.reshape(b, t, n, d)
+
+
+def _check_dense(key_len: int, cfg: ModelConfig) -> None:
     sparse = cfg.sparse_config
-    key_len = k_bskd.shape[1]
     if sparse is not None and (sparse.dense_len == -1 or key_len >= sparse.dense_len):
         raise NotImplementedError(
             f"InfLLM v2 sparse attention is needed for {key_len} keys (sparse_config.dense_len = "
             f"{sparse.dense_len}) but is not implemented yet (issue 3). Below dense_len the "
             "official model is dense and mcpm matches it; remove sparse_config or raise dense_len "
             "to run dense attention at this length.")
+
+
+def attention(q_btnd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, mask_bts: jax.Array,
+              cfg: ModelConfig) -> jax.Array:
+    """Pick the attention implementation for this call (shapes are static under jit)."""
+    _check_dense(k_bskd.shape[1], cfg)
     return dense_attention(q_btnd, k_bskd, v_bskd, mask_bts)
+
+
+def cached_attention(q_btnd: jax.Array, k_bksd: jax.Array, v_bksd: jax.Array,
+                     mask_bts: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """:func:`attention` over one layer of the KV cache (head-major ``[B, K, S, D]``)."""
+    _check_dense(k_bksd.shape[2], cfg)
+    return dense_attention_head_major(q_btnd, k_bksd, v_bksd, mask_bts)

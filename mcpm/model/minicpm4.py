@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mcpm.config import ModelConfig
-from mcpm.model.attention import attention, attention_mask
+from mcpm.model.attention import attention, attention_mask, cached_attention
 from mcpm.model.layers import apply_rope, rms_norm, rope_cos_sin, swiglu
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -69,8 +69,9 @@ def init_std(name: str, cfg: ModelConfig) -> float:
 class KVCache(NamedTuple):
     """Preallocated keys and values of every layer, plus what each slot holds.
 
-    ``k, v``: ``[L, B, S, K, D]``; ``segment_ids [B, S]`` (0 = empty or padding slot);
-    ``index``: int32 scalar, the number of slots written so far (the same for every row).
+    ``k, v``: ``[L, B, K, S, D]`` (head-major: one head's slots are contiguous, the layout the
+    attention einsums read without a transpose); ``segment_ids [B, S]`` (0 = empty or padding
+    slot); ``index``: int32 scalar, the number of slots written so far (the same for every row).
     """
 
     k: jax.Array
@@ -81,13 +82,13 @@ class KVCache(NamedTuple):
     @staticmethod
     def create(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
         dtype = dtype or DTYPES[cfg.compute_dtype]
-        shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
         return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
                        jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
 
 def _remat(fn, policy: str):
@@ -155,36 +156,54 @@ class MiniCPM4(nnx.Module):
         layer_params = {name: getattr(self, name)[...] for name in LAYER_PARAMS}
         r = cfg.residual_scale
 
-        def layer(h_bth, p, kv_cache):
+        def layer(h_bth, p, kv=None):
+            """One decoder layer. ``kv = (layer index, k_lbksd, v_lbksd)``: write this layer's
+            new keys/values into the cache at ``start`` and attend over all its slots."""
             p = {name: w.astype(cdtype) for name, w in p.items()}
             x = rms_norm(h_bth, p["attn_norm"], cfg.rms_norm_eps)
             q = apply_rope(jnp.einsum("bth,hnd->btnd", x, p["q"]), cos, sin)
-            k = apply_rope(jnp.einsum("bth,hkd->btkd", x, p["k"]), cos, sin)
-            v = jnp.einsum("bth,hkd->btkd", x, p["v"])
-            if kv_cache is not None:
-                k = jax.lax.dynamic_update_slice(kv_cache[0], k.astype(kv_cache[0].dtype),
-                                                 (0, start, 0, 0))
-                v = jax.lax.dynamic_update_slice(kv_cache[1], v.astype(kv_cache[1].dtype),
-                                                 (0, start, 0, 0))
-                kv_cache = (k, v)
-                k, v = k.astype(cdtype), v.astype(cdtype)
-            o = attention(q, k, v, mask, cfg)
+            if kv is None:
+                k = apply_rope(jnp.einsum("bth,hkd->btkd", x, p["k"]), cos, sin)
+                v = jnp.einsum("bth,hkd->btkd", x, p["v"])
+                o = attention(q, k, v, mask, cfg)
+            else:
+                i, k_lbksd, v_lbksd = kv
+                dtype = k_lbksd.dtype
+                k_bktd = apply_rope(jnp.einsum("bth,hkd->btkd", x, p["k"]), cos, sin
+                                    ).transpose(0, 2, 1, 3)
+                v_bktd = jnp.einsum("bth,hkd->bktd", x, p["v"])
+                at = (i, 0, 0, start, 0)
+                k_lbksd = jax.lax.dynamic_update_slice(k_lbksd, k_bktd[None].astype(dtype), at)
+                v_lbksd = jax.lax.dynamic_update_slice(v_lbksd, v_bktd[None].astype(dtype), at)
+                k_bksd = jax.lax.dynamic_index_in_dim(k_lbksd, i, keepdims=False).astype(cdtype)
+                v_bksd = jax.lax.dynamic_index_in_dim(v_lbksd, i, keepdims=False).astype(cdtype)
+                o = cached_attention(q, k_bksd, v_bksd, mask, cfg)
+                kv = (k_lbksd, v_lbksd)
             h_bth = h_bth + r * jnp.einsum("btnd,ndh->bth", o, p["o"])
             x = rms_norm(h_bth, p["mlp_norm"], cfg.rms_norm_eps)
             h_bth = h_bth + r * swiglu(x, p["gate"], p["up"], p["down"])
-            return h_bth, kv_cache
+            return h_bth, kv
 
         if cache is None:
-            body = _remat(lambda carry, p: (layer(carry, p, None)[0], None), cfg.remat)
+            body = _remat(lambda carry, p: (layer(carry, p)[0], None), cfg.remat)
             h, _ = jax.lax.scan(body, h, layer_params)
             new_cache = None
         else:
+            # The whole cache rides in the scan carry and each layer writes only its T new slots
+            # into it (dynamic_update_slice at the layer index), so XLA updates it in place and
+            # the donated input buffer is the output. Scanning it as xs -> ys instead made XLA
+            # copy every layer's cache on every decode step (time growing with B x S).
+            # Inference only, so no remat here.
             def body(carry, xs):
-                p, kc, vc = xs
-                carry, (kc, vc) = layer(carry, p, (kc, vc))
-                return carry, (kc, vc)
-            h, (ks, vs) = jax.lax.scan(_remat(body, cfg.remat), h, (layer_params, cache.k, cache.v))
-            new_cache = KVCache(ks, vs, new_seg, start + t)
+                h_bth, k_lbksd, v_lbksd = carry
+                p, i = xs
+                h_bth, kv = layer(h_bth, p, (i, k_lbksd, v_lbksd))
+                return (h_bth, *kv), None
+
+            layer_ids = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)
+            (h, k_lbksd, v_lbksd), _ = jax.lax.scan(
+                body, (h, cache.k, cache.v), (layer_params, layer_ids))
+            new_cache = KVCache(k_lbksd, v_lbksd, new_seg, start + t)
 
         x = rms_norm(h, self.final_norm[...].astype(cdtype), cfg.rms_norm_eps)
         x = x / jnp.asarray(cfg.width_mult, cdtype)
