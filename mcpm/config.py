@@ -295,7 +295,16 @@ def from_dict(cls, data: dict, path: str = ""):
     if required:
         where = f"'{path}'" if path else cls.__name__
         raise ConfigError(f"{where} needs the key(s) {required}")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        # validation messages name keys relative to their section ("sparse_config.topk ...");
+        # give them the full path when the section is nested ("model.sparse_config.topk ...")
+        parent, _, leaf = path.rpartition(".")
+        msg = str(e)
+        if parent and msg.startswith(f"{leaf}."):
+            raise ConfigError(f"{parent}.{msg}") from None
+        raise
 
 
 def to_dict(cfg) -> dict:

@@ -480,3 +480,8 @@ def test_hf_missing_scale_keys_use_official_defaults():
     del hf["scale_emb"], hf["scale_depth"]
     cfg = model_config_from_hf(hf)
     assert cfg.scale_emb == 1 and cfg.scale_depth == 1
+
+
+def test_nested_validation_errors_carry_the_full_path():
+    with pytest.raises(ConfigError, match=r"model\.sparse_config\.topk must be positive"):
+        load_config(None, ["model.sparse_config={topk: 0}"])
