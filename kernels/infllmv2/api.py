@@ -1,0 +1,38 @@
+"""Public entry points of InfLLM v2, with an ``implementation=`` switch.
+
+Only the dense reference exists so far; the gathered plain-JAX path ("xla") and the Pallas
+kernels ("pallas") are the rest of issue 3 and raise until they land.
+"""
+from __future__ import annotations
+
+import jax
+
+from mcpm_kernels.infllmv2.reference import attention_reference, block_mask
+
+IMPLEMENTATIONS = ("auto", "reference", "xla", "pallas")
+
+
+def infllmv2_block_mask(q_btnd: jax.Array, k_btkd: jax.Array, sparse_config) -> jax.Array:
+    """Boolean ``[B, K, T, num_blocks]``: True = key block attended (window and init included).
+
+    q ``[B, T, N, D]`` and k ``[B, T, K, D]`` with RoPE applied; ``sparse_config`` has the
+    official keys (kernel_size, kernel_stride, init_blocks, block_size, window_size, topk,
+    use_nope, dense_len).
+    """
+    return block_mask(q_btnd, k_btkd, sparse_config)
+
+
+def infllmv2_attention(q_btnd: jax.Array, k_btkd: jax.Array, v_btkd: jax.Array, sparse_config,
+                       *, implementation: str = "auto",
+                       segment_ids: jax.Array | None = None) -> jax.Array:
+    """InfLLM v2 attention ``[B, T, N, D]`` (spec section 3, variant A).
+
+    ``segment_ids [B, T]``: packed documents (0 = padding); attention never crosses them.
+    """
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    if implementation in ("xla", "pallas"):
+        raise NotImplementedError(
+            f"implementation={implementation!r} is not written yet (issue 3); use 'reference' "
+            "(dense, O(T^2) memory: for tests and short sequences)")
+    return attention_reference(q_btnd, k_btkd, v_btkd, sparse_config, segment_ids)
