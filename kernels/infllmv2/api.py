@@ -1,13 +1,15 @@
 """Public entry points of InfLLM v2, with an ``implementation=`` switch.
 
-Only the dense reference exists so far; the gathered plain-JAX path ("xla") and the Pallas
-kernels ("pallas") are the rest of issue 3 and raise until they land.
+"reference" is dense (O(T^2), for tests); "xla" gathers each query's blocks (memory linear in
+T, the fast path on CPU); "pallas" (the TPU/GPU kernels) is the rest of issue 3 and raises
+until it lands; "auto" is "xla" for now.
 """
 from __future__ import annotations
 
 import jax
 
 from mcpm_kernels.infllmv2.reference import attention_reference, block_mask
+from mcpm_kernels.infllmv2.xla import attention_xla
 
 IMPLEMENTATIONS = ("auto", "reference", "xla", "pallas")
 
@@ -31,8 +33,9 @@ def infllmv2_attention(q_btnd: jax.Array, k_btkd: jax.Array, v_btkd: jax.Array, 
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
-    if implementation in ("xla", "pallas"):
-        raise NotImplementedError(
-            f"implementation={implementation!r} is not written yet (issue 3); use 'reference' "
-            "(dense, O(T^2) memory: for tests and short sequences)")
-    return attention_reference(q_btnd, k_btkd, v_btkd, sparse_config, segment_ids)
+    if implementation == "pallas":
+        raise NotImplementedError("implementation='pallas' is not written yet (issue 3); use "
+                                  "'xla' (gathered plain JAX) or 'reference' (dense, for tests)")
+    if implementation == "reference":
+        return attention_reference(q_btnd, k_btkd, v_btkd, sparse_config, segment_ids)
+    return attention_xla(q_btnd, k_btkd, v_btkd, sparse_config, segment_ids)
