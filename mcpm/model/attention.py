@@ -1,8 +1,9 @@
 """The attention seam: every attention call in the model goes through :func:`attention` (or
 :func:`cached_attention`, the same over one layer of the head-major KV cache).
 
-Today it computes dense grouped-query attention; InfLLM v2 (spec section 3) plugs in here when a
-``sparse_config`` is set and the key length reaches ``dense_len``.
+Dense grouped-query attention, or InfLLM v2 (spec section 3, from ``mcpm_kernels``) when a
+``sparse_config`` is set and the key length reaches ``dense_len`` (the cache-less path only, so
+far: sparse decode is part of issue 3).
 
 Mask convention (everywhere in mcpm): boolean, True = attend.
 """
@@ -14,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from mcpm.config import ModelConfig
+from mcpm_kernels.infllmv2 import infllmv2_attention
 
 
 def attention_mask(q_slot_bt: jax.Array, q_seg_bt: jax.Array,
@@ -62,20 +64,33 @@ def dense_attention_head_major(q_btnd: jax.Array, k_bksd: jax.Array, v_bksd: jax
     return out.reshape(b, t, n, d)
 
 
-def _check_dense(key_len: int, cfg: ModelConfig) -> None:
+def _needs_sparse(key_len: int, cfg: ModelConfig) -> bool:
     sparse = cfg.sparse_config
-    if sparse is not None and (sparse.dense_len == -1 or key_len >= sparse.dense_len):
+    return sparse is not None and (sparse.dense_len == -1 or key_len >= sparse.dense_len)
+
+
+def _check_dense(key_len: int, cfg: ModelConfig) -> None:
+    if _needs_sparse(key_len, cfg):
         raise NotImplementedError(
-            f"InfLLM v2 sparse attention is needed for {key_len} keys (sparse_config.dense_len = "
-            f"{sparse.dense_len}) but is not implemented yet (issue 3). Below dense_len the "
-            "official model is dense and mcpm matches it; remove sparse_config or raise dense_len "
-            "to run dense attention at this length.")
+            f"InfLLM v2 decode over a KV cache is needed for {key_len} keys (sparse_config."
+            f"dense_len = {cfg.sparse_config.dense_len}) but is not implemented yet (issue 3). "
+            "Below dense_len the official model is dense and mcpm matches it; remove "
+            "sparse_config or raise dense_len to generate with dense attention at this length.")
 
 
 def attention(q_btnd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, mask_bts: jax.Array,
-              cfg: ModelConfig) -> jax.Array:
-    """Pick the attention implementation for this call (shapes are static under jit)."""
-    _check_dense(k_bskd.shape[1], cfg)
+              cfg: ModelConfig, segment_ids_bt: jax.Array | None = None) -> jax.Array:
+    """Pick the attention implementation for this call (shapes are static under jit).
+
+    With a ``sparse_config`` and at least ``dense_len`` keys this is InfLLM v2 (the gathered
+    plain-JAX path), which takes the documents from ``segment_ids_bt`` instead of the mask.
+    """
+    if _needs_sparse(k_bskd.shape[1], cfg):
+        if cfg.sparse_config.use_nope:
+            raise NotImplementedError("sparse_config.use_nope (scoring with pre-RoPE keys) is "
+                                      "not implemented yet (issue 3)")
+        return infllmv2_attention(q_btnd, k_bskd, v_bskd, cfg.sparse_config,
+                                  implementation="xla", segment_ids=segment_ids_bt)
     return dense_attention(q_btnd, k_bskd, v_bskd, mask_bts)
 
 

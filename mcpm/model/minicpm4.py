@@ -165,7 +165,7 @@ class MiniCPM4(nnx.Module):
             if kv is None:
                 k = apply_rope(jnp.einsum("bth,hkd->btkd", x, p["k"]), cos, sin)
                 v = jnp.einsum("bth,hkd->btkd", x, p["v"])
-                o = attention(q, k, v, mask, cfg)
+                o = attention(q, k, v, mask, cfg, segment_ids)
             else:
                 i, k_lbksd, v_lbksd = kv
                 dtype = k_lbksd.dtype
