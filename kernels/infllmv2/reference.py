@@ -35,14 +35,18 @@ def compress_keys(k_btkd: jax.Array, kernel_size: int, stride: int) -> jax.Array
     return k_btkd.astype(jnp.float32)[:, idx].mean(axis=2)
 
 
-def kernel_scores(q_btnd: jax.Array, kc_bckd: jax.Array, kernel_size: int, stride: int
-                  ) -> jax.Array:
-    """Group relevance ``[B, K, T, C]``: per-head softmax over visible kernels, summed over G."""
+def kernel_scores(q_btnd: jax.Array, kc_bckd: jax.Array, kernel_size: int, stride: int,
+                  positions_t: jax.Array | None = None) -> jax.Array:
+    """Group relevance ``[B, K, T, C]``: per-head softmax over visible kernels, summed over G.
+
+    ``positions_t``: the queries' positions (default 0..T-1; a chunk of queries passes its own).
+    """
     b, t, n, d = q_btnd.shape
     c, kv = kc_bckd.shape[1], kc_bckd.shape[2]
+    pos = jnp.arange(t) if positions_t is None else positions_t
     q = q_btnd.astype(jnp.float32).reshape(b, t, kv, n // kv, d)
     logits = jnp.einsum("btkgd,bckd->bkgtc", q, kc_bckd) / math.sqrt(d)
-    visible_tc = (jnp.arange(c)[None, :] * stride + kernel_size - 1) <= jnp.arange(t)[:, None]
+    visible_tc = (jnp.arange(c)[None, :] * stride + kernel_size - 1) <= pos[:, None]
     logits = jnp.where(visible_tc, logits, -jnp.inf)
     any_visible = visible_tc.any(axis=-1)[:, None]
     probs = jnp.where(any_visible, jax.nn.softmax(jnp.where(any_visible, logits, 0.0), axis=-1),
@@ -52,31 +56,37 @@ def kernel_scores(q_btnd: jax.Array, kc_bckd: jax.Array, kernel_size: int, strid
 
 
 def block_scores(s_bktc: jax.Array, num_blocks: int, block_size: int, stride: int) -> jax.Array:
-    """Max-pool kernel scores onto key blocks: ``[B, K, T, M]``."""
+    """Max-pool kernel scores onto key blocks: ``[B, K, T, M]`` (-inf where no kernel exists)."""
     per = block_size // stride
     c = s_bktc.shape[-1]
     j = (jnp.arange(num_blocks) * per - 1)[:, None] + jnp.arange(per + 1)[None, :]  # [M, per+1]
-    valid = (j >= 0) & (j < c)
-    gathered = s_bktc[..., jnp.clip(j, 0, max(c - 1, 0))] if c else \
-        jnp.zeros(s_bktc.shape[:-1] + j.shape, s_bktc.dtype)
-    return jnp.where(valid, gathered, -jnp.inf).max(axis=-1)
+    if c == 0:
+        return jnp.full(s_bktc.shape[:-1] + (num_blocks,), -jnp.inf, s_bktc.dtype)
+    gathered = s_bktc[..., jnp.clip(j, 0, c - 1)]
+    return jnp.where((j >= 0) & (j < c), gathered, -jnp.inf).max(axis=-1)
+
+
+def forced_scores(scores_bktm: jax.Array, positions_t: jax.Array, block_size: int,
+                  window_size: int, init_blocks: int) -> tuple[jax.Array, jax.Array]:
+    """Variant A's forcing before top-k: window blocks ``(qb - W, qb]`` get -inf (they are
+    attended anyway), init blocks +inf. Returns (scores, in_window ``[T, M]``)."""
+    m = scores_bktm.shape[-1]
+    qb = (positions_t // block_size)[:, None]                         # [T, 1]
+    blk = jnp.arange(m)[None, :]                                      # [1, M]
+    in_window = (blk > qb - window_size // block_size) & (blk <= qb)
+    s = jnp.where(in_window, -jnp.inf, scores_bktm)
+    return jnp.where(blk < init_blocks, jnp.inf, s), in_window
 
 
 def select_blocks(scores_bktm: jax.Array, block_size: int, window_size: int, init_blocks: int,
                   topk: int) -> jax.Array:
     """Variant A selection: boolean ``[B, K, T, M]``, window and init blocks included."""
     t, m = scores_bktm.shape[2], scores_bktm.shape[3]
-    qb = (jnp.arange(t) // block_size)[:, None]                       # [T, 1]
-    blk = jnp.arange(m)[None, :]                                      # [1, M]
-    w = window_size // block_size
-    in_window = (blk > qb - w) & (blk <= qb)
-    s = jnp.where(in_window, -jnp.inf, scores_bktm)
-    s = jnp.where(blk < init_blocks, jnp.inf, s)
-    k = min(topk, m)
-    _, top_idx = jax.lax.top_k(s, k)                                  # [B, K, T, k]
-    chosen = jnp.zeros(s.shape, bool)
-    chosen = jnp.any(jax.nn.one_hot(top_idx, m, dtype=jnp.bool_), axis=-2) if k else chosen
-    chosen = chosen & (blk < qb)
+    pos = jnp.arange(t)
+    s, in_window = forced_scores(scores_bktm, pos, block_size, window_size, init_blocks)
+    _, top_idx = jax.lax.top_k(s, min(topk, m))                       # [B, K, T, k]
+    chosen = jnp.any(jax.nn.one_hot(top_idx, m, dtype=jnp.bool_), axis=-2)
+    chosen &= jnp.arange(m)[None, :] < (pos // block_size)[:, None]   # drop blocks >= qb
     return chosen | in_window
 
 

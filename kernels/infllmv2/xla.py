@@ -16,7 +16,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from mcpm_kernels.infllmv2.reference import attention_reference, compress_keys
+from mcpm_kernels.infllmv2.reference import (attention_reference, block_scores, compress_keys,
+                                             forced_scores, kernel_scores)
 
 
 def _pad_to(x: jax.Array, multiple: int, axis: int = 1) -> jax.Array:
@@ -37,42 +38,24 @@ def select_block_lists(q_btnd: jax.Array, k_btkd: jax.Array, cfg, chunk: int = 6
     """
     b, t, n, d = q_btnd.shape
     kv = k_btkd.shape[2]
-    g = n // kv
     ks, st, bs = cfg.kernel_size, cfg.kernel_stride, cfg.block_size
     w = cfg.window_size // bs
     m = -(-t // bs)
     topk = min(cfg.topk, m)
-    q = jax.lax.stop_gradient(q_btnd).astype(jnp.float32)
     kc_bckd = compress_keys(jax.lax.stop_gradient(k_btkd), ks, st)
-    c = kc_bckd.shape[1]
-    per = bs // st
-    pool = (jnp.arange(m) * per - 1)[:, None] + jnp.arange(per + 1)[None, :]     # [M, per+1]
-    pool_ok = (pool >= 0) & (pool < c)
-    pool = jnp.clip(pool, 0, max(c - 1, 0))
-    q_chunks = _pad_to(q, chunk).reshape(b, -1, chunk, kv, g, d).transpose(1, 0, 2, 3, 4, 5)
+    q = jax.lax.stop_gradient(q_btnd)
+    q_chunks = _pad_to(q, chunk).reshape(b, -1, chunk, n, d).transpose(1, 0, 2, 3, 4)
 
     def one_chunk(args):
-        q_bqkgd, start = args
+        q_bqnd, start = args
         pos = start + jnp.arange(chunk)
-        if c:
-            logits = jnp.einsum("bqkgd,bckd->bkgqc", q_bqkgd, kc_bckd) / math.sqrt(d)
-            visible = (jnp.arange(c)[None, :] * st + ks - 1) <= pos[:, None]   # [chunk, C]
-            any_vis = visible.any(-1)[:, None]
-            probs = jax.nn.softmax(jnp.where(visible, logits, -jnp.inf), axis=-1)
-            s_bkqc = jnp.where(visible & any_vis, probs, 0.0).sum(axis=2)
-            scores = jnp.where(pool_ok, s_bkqc[..., pool], -jnp.inf).max(-1)   # [B,K,chunk,M]
-        else:
-            scores = jnp.full((b, kv, chunk, m), -jnp.inf)
-        qb = (pos // bs)[:, None]
-        blk = jnp.arange(m)[None, :]
-        in_window = (blk > qb - w) & (blk <= qb)
-        scores = jnp.where(in_window, -jnp.inf, scores)
-        scores = jnp.where(blk < cfg.init_blocks, jnp.inf, scores)
+        s_bkqc = kernel_scores(q_bqnd, kc_bckd, ks, st, positions_t=pos)
+        scores = block_scores(s_bkqc, m, bs, st)                               # [B,K,chunk,M]
+        scores, _ = forced_scores(scores, pos, bs, cfg.window_size, cfg.init_blocks)
         _, top = jax.lax.top_k(scores, topk)                                   # [B,K,chunk,k]
-        qb3 = (pos // bs)[None, None, :, None]
-        top_ok = top <= qb3 - w                          # past and outside the window
-        win = qb3 - w + 1 + jnp.arange(w)                                      # [1,1,chunk,W]
-        win = jnp.broadcast_to(win, (b, kv, chunk, w))
+        qb = (pos // bs)[None, None, :, None]
+        top_ok = top <= qb - w                            # past and outside the window
+        win = jnp.broadcast_to(qb - w + 1 + jnp.arange(w), (b, kv, chunk, w))  # window blocks
         idx = jnp.concatenate([top, win], axis=-1).astype(jnp.int32)
         valid = jnp.concatenate([top_ok, win >= 0], axis=-1)
         return idx, valid
