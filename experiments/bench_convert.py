@@ -46,6 +46,8 @@ import threading
 import time
 from pathlib import Path
 
+from _report import write_report  # experiments/ is on sys.path when run as a script
+
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "minicpm4-0.5b.yaml"
 BASELINE_CODE = ("import jax, jax.numpy as jnp, numpy, ml_dtypes, safetensors, orbax.checkpoint, "
@@ -358,12 +360,7 @@ def main(argv=None) -> int:
         for k, tl in timelines.items():
             print(k, "(s, anon MiB, file MiB):", tl[:: max(1, len(tl) // 60)])
     md = render(rows, checks, notes, baseline, time.perf_counter() - t_start, args, diag)
-    print()
-    print(md)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(md)
-    print(f"wrote {out}")
+    write_report(md, args.out)
     return 0
 
 

@@ -60,6 +60,8 @@ import sys
 import time
 from pathlib import Path
 
+from _report import write_report  # experiments/ is on sys.path when run as a script
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -363,12 +365,7 @@ def main(argv=None) -> int:
     info["peaks"] = (peak_start, peak_end)
 
     md = render(info, peak, peak_bf16, args, fwd_rows, dec_rows, gen_rows, total, quick)
-    print()
-    print(md)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(md)
-    print(f"wrote {out}")
+    write_report(md, args.out)
     return 0
 
 

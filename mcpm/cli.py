@@ -109,13 +109,15 @@ def cmd_generate(args) -> int:
 
     overrides = _overrides_and_extras(args.overrides)
     run_cfg = load_config(None, overrides, Config)
-    run_opts = {k: getattr(run_cfg.model, k) for k in ("param_dtype", "compute_dtype")
-                if any(o.startswith(f"model.{k}=") for o in overrides)}
-    model_overrides = [o for o in overrides if o.startswith("model.")
-                       and o.split("=")[0][len("model."):] not in run_opts]
-    if model_overrides:
-        raise SystemExit(f"mcpm generate: only model.param_dtype and model.compute_dtype can be "
-                         f"overridden for a trained checkpoint, not {model_overrides}")
+    # a checkpoint fixes the model; only how to run it may change
+    run_keys = {"model.param_dtype", "model.compute_dtype"}
+    keys = [o.split("=", 1)[0] for o in overrides]
+    fixed = [k for k in keys if k.startswith("model.") and k not in run_keys]
+    if fixed:
+        raise SystemExit(f"mcpm generate: only {sorted(run_keys)} can be overridden for a "
+                         f"trained checkpoint, not {fixed}")
+    run_opts = {k[len("model."):]: getattr(run_cfg.model, k[len("model."):])
+                for k in keys if k in run_keys}
     cfg, _, params = load_params(args.checkpoint, **run_opts)
     model = model_from_params(cfg, params)
     tok = Tokenizer(args.tokenizer or args.checkpoint, cfg.bos_token_id, cfg.eos_token_id)

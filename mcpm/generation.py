@@ -89,8 +89,7 @@ def stream_generate(model: MiniCPM4, prompts, max_new_tokens: int = 32, *,
     """
     cfg = model.config
     prompts = [list(map(int, p)) for p in prompts]
-    eos = cfg.eos_token_id if eos_token_id is None else (
-        (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id))
+    eos = _eos_ids(cfg, eos_token_id)
     if max_new_tokens <= 0:
         return
     ids, seg, lengths = left_pad(prompts)
@@ -135,8 +134,7 @@ def generate(model: MiniCPM4, input_ids, max_new_tokens: int = 32, *, temperatur
     """
     ragged = isinstance(input_ids, (list, tuple)) and not _is_rectangular(input_ids)
     prompts = [list(map(int, p)) for p in (input_ids if ragged else np.asarray(input_ids))]
-    eos = model.config.eos_token_id if eos_token_id is None else (
-        (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id))
+    eos = _eos_ids(model.config, eos_token_id)
     steps = list(stream_generate(model, prompts, max_new_tokens, temperature=temperature,
                                  top_k=top_k, top_p=top_p, eos_token_id=eos, seed=seed))
     new = np.stack(steps, axis=1) if steps else np.zeros((len(prompts), 0), np.int32)
@@ -149,6 +147,13 @@ def generate(model: MiniCPM4, input_ids, max_new_tokens: int = 32, *, temperatur
         stop = np.flatnonzero(np.isin(row, np.asarray(eos)))
         out.append(np.asarray(p + list(row[: stop[0] + 1 if stop.size else len(row)]), np.int32))
     return out
+
+
+def _eos_ids(cfg, eos_token_id) -> tuple[int, ...]:
+    """The stop ids: the config's unless overridden (an int or a sequence)."""
+    if eos_token_id is None:
+        return tuple(cfg.eos_token_id)
+    return (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id)
 
 
 def _is_rectangular(rows) -> bool:

@@ -1,6 +1,5 @@
 """Official checkpoint interop: exact round trips, sharding, dtypes, and every kind of bad input."""
 import json
-import shutil
 from pathlib import Path
 
 import ml_dtypes

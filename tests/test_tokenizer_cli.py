@@ -67,7 +67,7 @@ def test_cli_reports_bad_overrides(tmp_path, capsys):
     assert "divisible" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
-def test_console_script_is_installed():
+def test_cli_help_lists_subcommands():
     out = subprocess.run([sys.executable, "-m", "mcpm.cli", "--help"], capture_output=True,
                          text=True, check=True)
     for sub in ("convert", "generate", "init", "tokenizer", "demo"):
