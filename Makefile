@@ -14,13 +14,16 @@ $(VENV)/.installed: setup.py
 
 install: $(VENV)/.installed
 
+# The test extra installs libtpu (for the TPU AOT compile tests), which makes JAX look for a TPU
+# first; the quick start runs on the CPU unless JAX_PLATFORMS says otherwise.
 demo: $(VENV)/.installed
-	$(VENV)/bin/mcpm demo
+	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(VENV)/bin/mcpm demo
 
 # pytest exits 5 when it collects no test; that is not a failure of the suite
 test: $(VENV)/.installed
-	$(PY) -m pytest tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(PY) -m pytest tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
+bench: export JAX_PLATFORMS ?= cpu
 bench: $(VENV)/.installed
 	$(PY) experiments/bench_forward.py
 	$(PY) experiments/bench_convert.py

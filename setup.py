@@ -30,7 +30,9 @@ setup(
         "matplotlib>=3.8",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        # libtpu gives the TPU topology descriptions the Pallas kernels are AOT-compiled against in
+        # the tests (no TPU needed; run CPU work with JAX_PLATFORMS=cpu when it is installed)
+        "test": ["pytest>=8", "libtpu==0.0.52"],
         "tpu": ["jax[tpu]>=0.10.2,<0.13"],
         "gpu": ["jax[cuda12]>=0.10.2,<0.13"],
     },

@@ -6,6 +6,11 @@ from pathlib import Path
 
 import pytest
 
+# CPU tests: with libtpu installed (the test extra, for TPU AOT compiles) JAX would otherwise try
+# to start a TPU runtime first
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MCPM_SHARED", REPO.parent / "shared"))
 OFFICIAL = SHARED / "fixtures" / "official-minicpm4"
