@@ -64,6 +64,13 @@ class SparseConfig:
     topk: int = 64
     use_nope: bool = False
     dense_len: int = 8192
+    # mcpm-only (never written to a config.json while at their defaults): "A" is the released
+    # MiniCPM4-8B's selection (window outside the top-k), "B" MiniCPM4.1's / the InfLLM-V2
+    # paper's (topk counts the whole budget, init and window blocks forced into it)
+    variant: Literal["A", "B"] = "A"
+    # stage-1 softmax normaliser from coarse kernels (4x kernel size and stride), variant B's
+    # "LSE approximation"
+    lse_approx: bool = False
 
     def __post_init__(self):
         for name in ("kernel_size", "kernel_stride", "block_size", "window_size", "topk"):
@@ -81,6 +88,9 @@ class SparseConfig:
         if self.window_size % self.block_size:
             raise ConfigError(f"sparse_config.window_size ({self.window_size}) must be a multiple "
                               f"of block_size ({self.block_size})")
+        if self.variant not in ("A", "B"):
+            raise ConfigError(f"sparse_config.variant must be 'A' (MiniCPM4, the default) or 'B' "
+                              f"(MiniCPM4.1 / InfLLM-V2 paper), got {self.variant!r}")
         if self.dense_len < -1:
             raise ConfigError(f"sparse_config.dense_len must be -1 (always sparse) or >= 0, "
                               f"got {self.dense_len}")
@@ -412,6 +422,18 @@ _HF_DEFAULTS = {"max_position_embeddings": 2048, "rope_theta": 10000.0, "rope_sc
 _HF_FIXED = {"hidden_act": "silu", "attention_bias": False, "pretraining_tp": 1}
 
 
+def _sparse_to_hf(sparse: SparseConfig) -> dict:
+    """The official keys, plus mcpm's own ones only where they differ from the default."""
+    out = to_dict(sparse)
+    for name in _SPARSE_MCPM_ONLY:
+        if out[name] == getattr(SparseConfig, name):
+            del out[name]
+    return out
+
+
+_SPARSE_MCPM_ONLY = ("variant", "lse_approx")
+
+
 def model_config_from_hf(hf: dict, source: str = "config.json", **run_options) -> ModelConfig:
     """Read an official MiniCPM ``config.json`` dict. ``run_options`` set mcpm-only fields."""
     if hf.get("model_type", "minicpm") != "minicpm":
@@ -493,7 +515,7 @@ def model_config_to_hf(cfg: ModelConfig, template: dict | None = None) -> dict:
         "bos_token_id": cfg.bos_token_id,
         "eos_token_id": (cfg.eos_token_id[0] if len(cfg.eos_token_id) == 1 else
                          list(cfg.eos_token_id)),
-        "sparse_config": None if cfg.sparse_config is None else to_dict(cfg.sparse_config),
+        "sparse_config": None if cfg.sparse_config is None else _sparse_to_hf(cfg.sparse_config),
     }
     if template is not None:
         if isinstance(template.get("eos_token_id"), list):

@@ -15,8 +15,10 @@ SMALL = SparseConfig(kernel_size=4, kernel_stride=2, init_blocks=1, block_size=8
                      topk=3, use_nope=False, dense_len=-1)
 
 
-def numpy_infllmv2(q, k, v, cfg):
-    """Per query i and kv group g, literally as the spec words it. Returns (out, selected)."""
+def numpy_infllmv2(q, k, v, cfg, k_score=None):
+    """Per query i and kv group g, literally as the spec words it. Returns (out, selected).
+    ``k_score``: the keys stage 1 uses (pre-RoPE ones with use_nope; default k)."""
+    k_score = k if k_score is None else k_score
     b_, t, n, d = q.shape
     kv = k.shape[2]
     g_size = n // kv
@@ -28,16 +30,24 @@ def numpy_infllmv2(q, k, v, cfg):
     selected = np.zeros((b_, kv, t, m), bool)
     for b in range(b_):
         for g in range(kv):
-            kc = np.array([k[b, j * st: j * st + ks, g].astype(np.float64).mean(0)
+            kc = np.array([k_score[b, j * st: j * st + ks, g].astype(np.float64).mean(0)
                            for j in range(n_kernels)]).reshape(n_kernels, d)
+            # LSE approximation: coarse kernels of 4 x kernel_size keys every 4 x stride
+            n_coarse = (t - 4 * ks) // (4 * st) + 1 if t >= 4 * ks else 0
+            kcc = [k_score[b, j * 4 * st: j * 4 * st + 4 * ks, g].astype(np.float64).mean(0)
+                   for j in range(n_coarse)]
             for i in range(t):
                 vis = [j for j in range(n_kernels) if j * st + ks - 1 <= i]
                 s = np.zeros(n_kernels)
                 for h in range(g * g_size, (g + 1) * g_size):
                     if vis:
                         z = np.array([q[b, i, h] @ kc[j] for j in vis]) / np.sqrt(d)
-                        p = np.exp(z - z.max())
-                        s[vis] += p / p.sum()
+                        lse = z.max() + np.log(np.exp(z - z.max()).sum())
+                        coarse_vis = [j for j in range(n_coarse) if j * 4 * st + 4 * ks - 1 <= i]
+                        if cfg.lse_approx and coarse_vis:
+                            zc = np.array([q[b, i, h] @ kcc[j] for j in coarse_vis]) / np.sqrt(d)
+                            lse = zc.max() + np.log(np.exp(zc - zc.max()).sum())
+                        s[vis] += np.exp(z - lse)
                 score = np.full(m, -np.inf)
                 for blk in range(m):
                     js = [j for j in range(blk * (bs // st) - 1, blk * (bs // st) + bs // st)
@@ -45,14 +55,21 @@ def numpy_infllmv2(q, k, v, cfg):
                     if js:
                         score[blk] = max(s[j] for j in js)
                 qb = i // bs
-                window = [blk for blk in range(m) if qb - w < blk <= qb]
-                for blk in range(m):
-                    if blk < cfg.init_blocks:
-                        score[blk] = np.inf
-                    if blk in window:
-                        score[blk] = -np.inf
-                top = np.argsort(-score, kind="stable")[: min(cfg.topk, m)]
-                chosen = {int(blk) for blk in top if blk < qb} | set(window)
+                if cfg.variant == "A":
+                    window = [blk for blk in range(m) if qb - w < blk <= qb]
+                    for blk in range(m):
+                        if blk < cfg.init_blocks:
+                            score[blk] = np.inf
+                        if blk in window:
+                            score[blk] = -np.inf
+                    top = np.argsort(-score, kind="stable")[: min(cfg.topk, m)]
+                    chosen = {int(blk) for blk in top if blk < qb} | set(window)
+                else:  # B: init and blocks qb-W .. qb forced into the budget, future dropped
+                    for blk in range(m):
+                        if blk < cfg.init_blocks or qb - w <= blk <= qb:
+                            score[blk] = np.inf
+                    top = np.argsort(-score, kind="stable")[: min(cfg.topk, m)]
+                    chosen = {int(blk) for blk in top if blk <= qb}
                 selected[b, g, i, sorted(chosen)] = True
                 keys = [t_ for t_ in range(i + 1) if t_ // bs in chosen]
                 for h in range(g * g_size, (g + 1) * g_size):
@@ -82,6 +99,43 @@ def test_reference_matches_numpy_loop(t, n, kv):
     if t >= 64:  # the test is about sparse selection: some visible block must be left out
         visible = np.arange(-(-t // 8))[None, :] <= (np.arange(t) // 8)[:, None]
         assert (~sel_np & visible[None, None]).any()
+
+
+@pytest.mark.parametrize("cfg", [
+    dataclasses.replace(SMALL, variant="B", topk=5),
+    dataclasses.replace(SMALL, variant="B", topk=4, window_size=8, init_blocks=2),
+    dataclasses.replace(SMALL, lse_approx=True),
+    dataclasses.replace(SMALL, variant="B", topk=5, lse_approx=True),
+], ids=["B", "B-small-window", "A-lse", "B-lse"])
+def test_variant_b_and_lse_approximation_match_numpy_loop(cfg):
+    q, k, v = rand_qkv(11, 2, 77, 4, 2, 8)
+    q *= 2.0
+    out_np, sel_np = numpy_infllmv2(q, k, v, cfg)
+    sel = np.asarray(block_mask(jnp.asarray(q), jnp.asarray(k), cfg))
+    np.testing.assert_array_equal(sel, sel_np)
+    out = np.asarray(attention_reference(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), cfg))
+    np.testing.assert_allclose(out, out_np, rtol=2e-5, atol=2e-5)
+    # the option changes the selection somewhere (else this test could not tell them apart)
+    base = dataclasses.replace(cfg, variant="A", lse_approx=False, topk=SMALL.topk)
+    assert (sel != np.asarray(block_mask(jnp.asarray(q), jnp.asarray(k), base))).any()
+
+
+def test_use_nope_scores_with_the_keys_given_for_scoring():
+    import mcpm
+    q, k, v = rand_qkv(12, 1, 70, 4, 2, 8)
+    q *= 2.0
+    k_pre = np.random.default_rng(5).standard_normal(k.shape).astype(np.float32)
+    cfg = dataclasses.replace(SMALL, use_nope=True)
+    out_np, sel_np = numpy_infllmv2(q, k, v, cfg, k_score=k_pre)
+    jq, jk, jv, jpre = (jnp.asarray(x) for x in (q, k, v, k_pre))
+    sel = np.asarray(mcpm.infllmv2_block_mask(jq, jk, cfg, scoring_keys=jpre))
+    np.testing.assert_array_equal(sel, sel_np)
+    for impl in ("reference", "xla"):
+        out = mcpm.infllmv2_attention(jq, jk, jv, cfg, implementation=impl, scoring_keys=jpre)
+        np.testing.assert_allclose(np.asarray(out), out_np, rtol=2e-5, atol=2e-5)
+    assert (sel != np.asarray(block_mask(jq, jk, SMALL))).any()
+    with pytest.raises(ValueError, match="scoring_keys"):
+        mcpm.infllmv2_attention(jq, jk, jv, cfg)
 
 
 def test_selects_everything_when_topk_covers_all_blocks_equals_dense():
@@ -128,7 +182,5 @@ def test_public_api_switch():
     wide = attention_reference(q, k, v, dataclasses.replace(SMALL, topk=100), seg)
     np.testing.assert_allclose(np.asarray(wide[:, 20:]), np.asarray(alone), rtol=1e-5, atol=1e-6)
     assert mcpm.infllmv2_block_mask(q, k, SMALL).shape == (1, 2, 40, 5)
-    with pytest.raises(NotImplementedError, match="issue 3"):
-        mcpm.infllmv2_attention(q, k, v, SMALL, implementation="pallas")
     with pytest.raises(ValueError, match="implementation must be one of"):
         mcpm.infllmv2_attention(q, k, v, SMALL, implementation="fast")

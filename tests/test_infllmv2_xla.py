@@ -40,6 +40,8 @@ def packed_segments(b, t, seed):
     (63, 4, 2, dataclasses.replace(SMALL, dense_len=64)),  # just below dense_len: dense
     (64, 4, 2, dataclasses.replace(SMALL, dense_len=64)),  # at dense_len: sparse
     (96, 8, 1, dataclasses.replace(SMALL, window_size=8)),  # window of one block, G = 8
+    (90, 4, 2, dataclasses.replace(SMALL, variant="B", topk=5)),
+    (90, 4, 2, dataclasses.replace(SMALL, variant="B", topk=6, lse_approx=True)),
 ])
 def test_forward_and_gradients_match_reference(t, n, kv, cfg):
     q, k, v = qkv(t, 2, t, n, kv, 8)

@@ -59,3 +59,13 @@ def test_sparse_decode_is_refused_clearly():
     model = model_with(SPARSE)
     with pytest.raises(NotImplementedError, match="issue 3"):
         model(jnp.ones((1, 4), jnp.int32), cache=KVCache.create(model.config, 1, 64))
+
+
+def test_use_nope_scores_blocks_with_pre_rope_keys():
+    ids = jnp.asarray(np.random.default_rng(3).integers(0, 64, (2, 90)), jnp.int32)
+    nope = logits_of(dataclasses.replace(SPARSE, use_nope=True), ids)
+    rope = logits_of(SPARSE, ids)
+    assert np.isfinite(nope).all()
+    assert np.abs(nope - rope).max() > 1e-4  # other keys score the blocks: other selection
+    # the window covers the first 24 positions: there both attend to every past key
+    np.testing.assert_allclose(nope[:, :16], rope[:, :16], rtol=1e-5, atol=1e-5)

@@ -5,7 +5,7 @@ ever whole: stage 1 keeps one chunk's ``[B, K, G, chunk, C]`` relevance scores, 
 gathers, for each query, the keys of its ``topk + W`` selected blocks. Each chunk is
 rematerialised in the backward pass, so residuals stay linear in T too.
 
-Same semantics as :mod:`mcpm_kernels.infllmv2.reference` (variant A); see that module's
+Same semantics as :mod:`mcpm_kernels.infllmv2.reference` (both variants); see that module's
 docstring for the steps. Letters: B batch, T positions, N query heads, K kv heads, G = N / K,
 D head_dim, C kernels, M key blocks, P = topk + W selected blocks per query.
 """
@@ -16,8 +16,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from mcpm_kernels.infllmv2.reference import (attention_reference, block_scores, compress_keys,
-                                             forced_scores, kernel_scores)
+from mcpm_kernels.infllmv2.reference import (attention_reference, block_scores, kernel_scores,
+                                             scoring_inputs, select_block_lists_from_scores)
 
 
 def _pad_to(x: jax.Array, multiple: int, axis: int = 1) -> jax.Array:
@@ -29,55 +29,47 @@ def _pad_to(x: jax.Array, multiple: int, axis: int = 1) -> jax.Array:
     return jnp.pad(x, widths)
 
 
-def select_block_lists(q_btnd: jax.Array, k_btkd: jax.Array, cfg, chunk: int = 64
+def select_block_lists(q_btnd: jax.Array, k_btkd: jax.Array, cfg, chunk: int = 64,
+                       k_for_scoring_btkd: jax.Array | None = None
                        ) -> tuple[jax.Array, jax.Array]:
-    """Per query, the blocks to attend: ``(idx [B, K, T, P] int32, valid [B, K, T, P])``.
-
-    The first ``topk`` slots are the top-k choice (valid where it is a past block outside the
-    window), the last W are the window blocks ``qb-W+1 .. qb`` (valid where >= 0).
-    """
+    """Per query, the blocks to attend: ``(idx [B, K, T, P] int32, valid [B, K, T, P])``, see
+    :func:`~mcpm_kernels.infllmv2.reference.select_block_lists_from_scores`. Stage 1 runs in
+    query chunks, so no ``[T, C]`` or ``[T, M]`` array is ever whole."""
     b, t, n, d = q_btnd.shape
-    kv = k_btkd.shape[2]
     ks, st, bs = cfg.kernel_size, cfg.kernel_stride, cfg.block_size
-    w = cfg.window_size // bs
     m = -(-t // bs)
-    topk = min(cfg.topk, m)
-    kc_bckd = compress_keys(jax.lax.stop_gradient(k_btkd), ks, st)
-    q = jax.lax.stop_gradient(q_btnd)
+    q, kc_bckd, coarse_bckd = scoring_inputs(q_btnd, k_btkd, cfg, k_for_scoring_btkd)
     q_chunks = _pad_to(q, chunk).reshape(b, -1, chunk, n, d).transpose(1, 0, 2, 3, 4)
 
     def one_chunk(args):
         q_bqnd, start = args
         pos = start + jnp.arange(chunk)
-        s_bkqc = kernel_scores(q_bqnd, kc_bckd, ks, st, positions_t=pos)
+        s_bkqc = kernel_scores(q_bqnd, kc_bckd, ks, st, positions_t=pos,
+                               coarse_kc_bckd=coarse_bckd)
         scores = block_scores(s_bkqc, m, bs, st)                               # [B,K,chunk,M]
-        scores, _ = forced_scores(scores, pos, bs, cfg.window_size, cfg.init_blocks)
-        _, top = jax.lax.top_k(scores, topk)                                   # [B,K,chunk,k]
-        qb = (pos // bs)[None, None, :, None]
-        top_ok = top <= qb - w                            # past and outside the window
-        win = jnp.broadcast_to(qb - w + 1 + jnp.arange(w), (b, kv, chunk, w))  # window blocks
-        idx = jnp.concatenate([top, win], axis=-1).astype(jnp.int32)
-        valid = jnp.concatenate([top_ok, win >= 0], axis=-1)
-        return idx, valid
+        return select_block_lists_from_scores(scores, pos, cfg)
 
     starts = jnp.arange(q_chunks.shape[0]) * chunk
     idx, valid = jax.lax.map(one_chunk, (q_chunks, starts))           # [nc, B, K, chunk, P]
-    idx = idx.transpose(1, 2, 0, 3, 4).reshape(b, kv, -1, topk + w)[:, :, :t]
-    valid = valid.transpose(1, 2, 0, 3, 4).reshape(b, kv, -1, topk + w)[:, :, :t]
+    p = idx.shape[-1]
+    idx = idx.transpose(1, 2, 0, 3, 4).reshape(b, -1, q_chunks.shape[0] * chunk, p)[:, :, :t]
+    valid = valid.transpose(1, 2, 0, 3, 4).reshape(b, -1, q_chunks.shape[0] * chunk, p)[:, :, :t]
     return idx, valid
 
 
 def attention_xla(q_btnd: jax.Array, k_btkd: jax.Array, v_btkd: jax.Array, cfg,
                   segment_ids_bt: jax.Array | None = None, chunk: int = 16,
-                  select_chunk: int = 64) -> jax.Array:
-    """InfLLM v2 attention ``[B, T, N, D]`` over gathered blocks; memory linear in T."""
+                  select_chunk: int = 64, k_for_scoring_btkd: jax.Array | None = None
+                  ) -> jax.Array:
+    """InfLLM v2 attention ``[B, T, N, D]`` over gathered blocks; memory linear in T.
+    ``k_for_scoring_btkd``: the pre-RoPE keys when ``use_nope``."""
     b, t, n, d = q_btnd.shape
     kv = k_btkd.shape[2]
     g = n // kv
     bs = cfg.block_size
     if cfg.dense_len != -1 and t < cfg.dense_len:
         return attention_reference(q_btnd, k_btkd, v_btkd, cfg, segment_ids_bt)
-    idx, valid = select_block_lists(q_btnd, k_btkd, cfg, select_chunk)
+    idx, valid = select_block_lists(q_btnd, k_btkd, cfg, select_chunk, k_for_scoring_btkd)
     p = idx.shape[-1]
     if segment_ids_bt is None:
         segment_ids_bt = jnp.ones((b, t), jnp.int32)

@@ -79,18 +79,18 @@ def _check_dense(key_len: int, cfg: ModelConfig) -> None:
 
 
 def attention(q_btnd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, mask_bts: jax.Array,
-              cfg: ModelConfig, segment_ids_bt: jax.Array | None = None) -> jax.Array:
+              cfg: ModelConfig, segment_ids_bt: jax.Array | None = None,
+              k_pre_rope_btkd: jax.Array | None = None) -> jax.Array:
     """Pick the attention implementation for this call (shapes are static under jit).
 
     With a ``sparse_config`` and at least ``dense_len`` keys this is InfLLM v2 (the gathered
-    plain-JAX path), which takes the documents from ``segment_ids_bt`` instead of the mask.
+    plain-JAX path), which takes the documents from ``segment_ids_bt`` instead of the mask;
+    ``k_pre_rope_btkd`` are the keys it scores blocks with when ``use_nope``.
     """
     if _needs_sparse(k_bskd.shape[1], cfg):
-        if cfg.sparse_config.use_nope:
-            raise NotImplementedError("sparse_config.use_nope (scoring with pre-RoPE keys) is "
-                                      "not implemented yet (issue 3)")
         return infllmv2_attention(q_btnd, k_bskd, v_bskd, cfg.sparse_config,
-                                  implementation="xla", segment_ids=segment_ids_bt)
+                                  implementation="xla", segment_ids=segment_ids_bt,
+                                  scoring_keys=k_pre_rope_btkd)
     return dense_attention(q_btnd, k_bskd, v_bskd, mask_bts)
 
 

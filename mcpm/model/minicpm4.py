@@ -163,9 +163,10 @@ class MiniCPM4(nnx.Module):
             x = rms_norm(h_bth, p["attn_norm"], cfg.rms_norm_eps)
             q = apply_rope(jnp.einsum("bth,hnd->btnd", x, p["q"]), cos, sin)
             if kv is None:
-                k = apply_rope(jnp.einsum("bth,hkd->btkd", x, p["k"]), cos, sin)
+                k_pre = jnp.einsum("bth,hkd->btkd", x, p["k"])
+                k = apply_rope(k_pre, cos, sin)
                 v = jnp.einsum("bth,hkd->btkd", x, p["v"])
-                o = attention(q, k, v, mask, cfg, segment_ids)
+                o = attention(q, k, v, mask, cfg, segment_ids, k_pre_rope_btkd=k_pre)
             else:
                 i, k_lbksd, v_lbksd = kv
                 dtype = k_lbksd.dtype
