@@ -207,6 +207,39 @@ class GenerateConfig:
             raise ConfigError(f"generate.top_p must be in (0, 1], got {self.top_p}")
 
 
+DecayShape = Literal["exponential", "linear", "cosine", "1-sqrt"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleConfig:
+    """WSD learning rate (training spec section 1): linear warm-up to ``peak_lr`` over
+    ``warmup_steps``, constant, then a decay over the last ``decay_fraction`` of the run.
+
+    ``exponential`` halves the lr every ``half_life_steps`` (MiniCPM 1/2); ``linear``, ``cosine``
+    and ``1-sqrt`` end at ``final_fraction * peak_lr``.
+    """
+
+    peak_lr: float = 1e-2
+    warmup_steps: int = 100
+    decay_fraction: float = 0.1
+    decay_shape: DecayShape = "exponential"
+    half_life_steps: int = 5000
+    final_fraction: float = 0.0
+
+    def __post_init__(self):
+        if not self.peak_lr > 0:
+            raise ConfigError(f"schedule.peak_lr must be positive, got {self.peak_lr}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"schedule.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0 <= self.decay_fraction <= 1:
+            raise ConfigError(f"schedule.decay_fraction must be in [0, 1], got {self.decay_fraction}")
+        if self.half_life_steps <= 0:
+            raise ConfigError(f"schedule.half_life_steps must be positive, got "
+                              f"{self.half_life_steps}")
+        if not 0 <= self.final_fraction <= 1:
+            raise ConfigError(f"schedule.final_fraction must be in [0, 1], got {self.final_fraction}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """The root of a YAML file in ``configs/``."""
