@@ -241,6 +241,34 @@ class ScheduleConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with MiniCPM's muP learning rates (training spec section 2).
+
+    With ``mup``, hidden matrices (q, k, v, o, gate, up, down) learn at ``lr / m``
+    (m = hidden_size / dim_model_base); embeddings, the untied head and norms at ``lr``
+    (``mup_embedding_lr`` = "scaled" gives the embeddings ``lr / m`` too). Weight decay is
+    decoupled (AdamW) and skips the norms; ``clip_norm`` <= 0 turns clipping off.
+    """
+
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0
+    mup: bool = True
+    mup_embedding_lr: Literal["unscaled", "scaled"] = "unscaled"
+
+    def __post_init__(self):
+        for name in ("b1", "b2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"optimizer.{name} must be in [0, 1), got {getattr(self, name)}")
+        if not self.eps > 0:
+            raise ConfigError(f"optimizer.eps must be positive, got {self.eps}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"optimizer.weight_decay must be >= 0, got {self.weight_decay}")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """The root of a YAML file in ``configs/``."""
 
