@@ -268,6 +268,71 @@ class OptimizerConfig:
             raise ConfigError(f"optimizer.weight_decay must be >= 0, got {self.weight_decay}")
 
 
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingRules:
+    """Which mesh axes each logical axis of the model is split over (empty = replicated).
+
+    Defaults: batch over data and fsdp; FSDP over ``embed``; tensor parallelism over heads, the
+    MLP and the vocabulary. A dimension the mesh axes do not divide stays replicated.
+    """
+
+    batch: tuple[str, ...] = ("data", "fsdp")
+    embed: tuple[str, ...] = ("fsdp",)
+    vocab: tuple[str, ...] = ("tensor",)
+    heads: tuple[str, ...] = ("tensor",)
+    kv_heads: tuple[str, ...] = ("tensor",)
+    head_dim: tuple[str, ...] = ()
+    mlp: tuple[str, ...] = ("tensor",)
+    layers: tuple[str, ...] = ()
+    length: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            axes = getattr(self, f.name)
+            for axis in axes:
+                if axis not in MESH_AXES:
+                    raise ConfigError(f"mesh.rules.{f.name}: {axis!r} is not a mesh axis "
+                                      f"{list(MESH_AXES)}" + _suggest(axis, MESH_AXES))
+            if len(set(axes)) != len(axes):
+                raise ConfigError(f"mesh.rules.{f.name} names a mesh axis twice: {list(axes)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh ``data x fsdp x tensor``; one size may be -1 (the devices left over)."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    rules: ShardingRules = ShardingRules()
+
+    def __post_init__(self):
+        sizes = [self.data, self.fsdp, self.tensor]
+        if any(s == 0 or s < -1 for s in sizes):
+            raise ConfigError(f"mesh sizes must be positive or -1, got data={self.data}, "
+                              f"fsdp={self.fsdp}, tensor={self.tensor}")
+        if sizes.count(-1) > 1:
+            raise ConfigError("only one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+
+    def shape(self, num_devices: int) -> tuple[int, int, int]:
+        """(data, fsdp, tensor) for ``num_devices`` devices, -1 filled in."""
+        sizes = [self.data, self.fsdp, self.tensor]
+        known = math.prod(s for s in sizes if s != -1)
+        if -1 in sizes:
+            if num_devices % known:
+                raise ConfigError(f"mesh: {num_devices} devices cannot be split into data="
+                                  f"{self.data} x fsdp={self.fsdp} x tensor={self.tensor}")
+            sizes[sizes.index(-1)] = num_devices // known
+        if math.prod(sizes) != num_devices:
+            raise ConfigError(f"mesh: data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = "
+                              f"{math.prod(sizes)} devices, but {num_devices} are available; "
+                              "set one size to -1 to fill the rest")
+        return tuple(sizes)
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """The root of a YAML file in ``configs/``."""
