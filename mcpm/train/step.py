@@ -1,0 +1,94 @@
+"""The train step: forward, next-token loss, gradients (accumulated over micro-batches),
+clipping + AdamW via the optax chain, and a skipped update when anything is not finite.
+
+Train state is a plain dict (``step``, ``params`` by mcpm name, ``opt_state``, ``skipped``),
+so orbax, optax and the sharding rules all see parameters under their mcpm names. The step is
+a pure function meant for ``jax.jit(..., donate_argnums=0)``; see :mod:`mcpm.train.loop`.
+Batch: ``inputs``, ``targets``, ``weights``, ``positions``, ``segment_ids``, all ``[B, T]``.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from mcpm.config import ModelConfig
+from mcpm.model.minicpm4 import MiniCPM4
+from mcpm.train.loss import cross_entropy_sums
+
+BATCH_KEYS = ("inputs", "targets", "weights", "positions", "segment_ids")
+
+
+class ModelApply:
+    """Runs MiniCPM4 on a pure ``{name: array}`` parameter dict (the model's graph is built once,
+    abstractly; each call only merges the arrays into it)."""
+
+    def __init__(self, cfg: ModelConfig):
+        abstract = nnx.eval_shape(lambda: MiniCPM4(cfg, rngs=nnx.Rngs(0)))
+        self.graphdef, self._template = nnx.split(abstract)
+
+    def __call__(self, params: dict, inputs_bt, positions_bt=None, segment_ids_bt=None):
+        state = jax.tree.map(lambda x: x, self._template)
+        nnx.replace_by_pure_dict(state, params)
+        model = nnx.merge(self.graphdef, state)
+        return model(inputs_bt, positions=positions_bt, segment_ids=segment_ids_bt)
+
+
+def init_state(params: dict, tx: optax.GradientTransformation) -> dict:
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+            "skipped": jnp.zeros((), jnp.int32)}
+
+
+def _micro_batches(batch: dict, accum: int) -> dict:
+    """``[B, T]`` -> ``[accum, B / accum, T]`` taking every accum-th row, so each micro-batch is
+    spread over all the devices that hold the batch."""
+    def split(x):
+        return x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
+    return {k: split(v) for k, v in batch.items()}
+
+
+def make_train_step(model_cfg: ModelConfig, tx: optax.GradientTransformation,
+                    lr_schedule: Callable, *, z_loss: float = 0.0, accum_steps: int = 1):
+    """``step(state, batch) -> (state, metrics)``; metrics are float32/int32 scalars:
+    loss (mean nll over target tokens), z, tokens, grad_norm, lr, finite, skipped."""
+    apply = ModelApply(model_cfg)
+
+    def sums_and_grads(params, micro):
+        def objective(p):
+            logits = apply(p, micro["inputs"], micro["positions"], micro["segment_ids"])
+            sums = cross_entropy_sums(logits, micro["targets"], micro["weights"])
+            return sums["nll"] + z_loss * sums["z"], sums
+        return jax.grad(objective, has_aux=True)(params)[::-1]
+
+    def step(state: dict, batch: dict):
+        params = state["params"]
+        if accum_steps == 1:
+            sums, grads = sums_and_grads(params, batch)
+        else:
+            def body(carry, micro):
+                sums, grads = sums_and_grads(params, micro)
+                return jax.tree.map(jnp.add, carry, (sums, grads)), None
+            zero = ({"nll": 0.0, "z": 0.0, "tokens": 0.0},
+                    jax.tree.map(jnp.zeros_like, params))
+            (sums, grads), _ = jax.lax.scan(body, zero, _micro_batches(batch, accum_steps))
+        denom = jnp.maximum(sums["tokens"], 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        loss = sums["nll"] / denom
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt = tx.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        new_state = {"step": state["step"] + 1,
+                     "params": keep(new_params, params),
+                     "opt_state": keep(new_opt, state["opt_state"]),
+                     "skipped": state["skipped"] + (~finite).astype(jnp.int32)}
+        metrics = {"loss": loss, "z": sums["z"] / denom, "tokens": sums["tokens"],
+                   "grad_norm": grad_norm, "lr": jnp.asarray(lr_schedule(state["step"])),
+                   "finite": finite, "skipped": new_state["skipped"]}
+        return new_state, metrics
+
+    return step
