@@ -72,3 +72,27 @@ def batch_sharding(mesh: Mesh, rules: ShardingRules, batch_size: int,
 def describe(mesh: Mesh) -> str:
     return " x ".join(f"{name}={size}" for name, size in mesh.shape.items()) + \
         f" ({np.prod(list(mesh.shape.values()))} devices, {jax.process_count()} processes)"
+
+
+def _leaf_name(path) -> str | None:
+    for entry in reversed(path):
+        name = getattr(entry, "key", None) or getattr(entry, "name", None)
+        if isinstance(name, str) and name != "value":
+            return name
+    return None
+
+
+def state_shardings(state_shapes, cfg: ModelConfig, mesh: Mesh, rules: ShardingRules):
+    """Shardings for a train state (or any tree) holding parameters and parameter-shaped
+    optimizer moments under mcpm names: those follow the parameter's spec, everything else
+    (step counters, scalars) is replicated."""
+    specs = param_specs(cfg, mesh, rules)
+    shapes = param_shapes(cfg)
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def pick(path, leaf):
+        name = _leaf_name(path)
+        if name in specs and tuple(leaf.shape) == tuple(shapes[name]):
+            return NamedSharding(mesh, specs[name])
+        return replicated
+    return jax.tree_util.tree_map_with_path(pick, state_shapes)
