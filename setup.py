@@ -28,6 +28,7 @@ setup(
         "pyyaml>=6",
         "tqdm>=4.66",
         "matplotlib>=3.8",
+        "tensorboardX>=2.6,<3",
     ],
     extras_require={
         # libtpu gives the TPU topology descriptions the Pallas kernels are AOT-compiled against in

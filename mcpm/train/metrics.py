@@ -1,0 +1,79 @@
+"""Run metrics: ``workdir/metrics.jsonl`` (one JSON object per logged step), TensorBoard event
+files (tensorboardX) and the loss/lr plot written at the end of a run."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+
+class MetricsWriter:
+    """Appends ``{"step": ..., **metrics}`` lines and TensorBoard scalars (process 0 only)."""
+
+    def __init__(self, workdir: str | Path, enabled: bool = True, tensorboard: bool = True):
+        self.path = Path(workdir) / "metrics.jsonl"
+        self.enabled = enabled
+        self._tb = None
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if tensorboard:
+                from tensorboardX import SummaryWriter
+                self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        row = {"step": int(step)}
+        for key, value in metrics.items():
+            value = float(value) if not isinstance(value, (str, bool)) else value
+            row[key] = None if isinstance(value, float) and not math.isfinite(value) else value
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._tb.add_scalar(f"train/{key}", value, row["step"])
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """Rows of a metrics.jsonl; a torn last line (a run killed mid-write) is ignored."""
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def plot_metrics(path: str | Path, out_png: str | Path, title: str = "") -> Path:
+    """Loss (log scale) and learning rate against the step, from a metrics.jsonl."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in read_metrics(path) if r.get("loss") is not None]
+    steps = [r["step"] for r in rows]
+    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(7, 6), sharex=True,
+                                         gridspec_kw={"height_ratios": [3, 1]})
+    ax_loss.plot(steps, [r["loss"] for r in rows], lw=1.2)
+    ax_loss.set_ylabel("train loss (nats/token)")
+    ax_loss.set_yscale("log")
+    ax_loss.grid(alpha=0.3, which="both")
+    if title:
+        ax_loss.set_title(title)
+    ax_lr.plot(steps, [r.get("lr", float("nan")) for r in rows], color="tab:orange", lw=1.2)
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel("step")
+    ax_lr.grid(alpha=0.3)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
