@@ -334,11 +334,53 @@ class MeshConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """``mcpm train``: the run's directory and length, loss options, logging and checkpoints.
+
+    ``steps`` is the total number of optimizer steps of the run: running again on the same
+    workdir with the same or a larger ``steps`` resumes from the latest checkpoint. A branch
+    decay (``decay_from`` >= 0) restores the checkpoint at that step of ``workdir`` and decays
+    for ``decay_steps`` steps into ``workdir/decay_from_STEP``, leaving the main run untouched.
+    """
+
+    workdir: str = "runs/train"
+    steps: int = 1000
+    z_loss: float = 0.0
+    accum_steps: int = 1
+    log_every: int = 10
+    checkpoint_every: int = 200
+    keep_last: int = 3
+    keep_every: int = 0
+    max_nonfinite_in_a_row: int = 5
+    peak_flops_per_device: float = 0.0
+    decay_from: int = -1
+    decay_steps: int = 0
+    schedule: ScheduleConfig = ScheduleConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+
+    def __post_init__(self):
+        for name in ("steps", "accum_steps", "log_every", "checkpoint_every", "keep_last",
+                     "max_nonfinite_in_a_row"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.keep_every < 0:
+            raise ConfigError(f"train.keep_every must be >= 0 (0: keep only the last "
+                              f"train.keep_last), got {self.keep_every}")
+        if self.z_loss < 0:
+            raise ConfigError(f"train.z_loss must be >= 0, got {self.z_loss}")
+        if self.decay_from >= 0 and self.decay_steps < 1:
+            raise ConfigError(f"train.decay_from={self.decay_from} needs train.decay_steps >= 1 "
+                              "(the length of the branch decay)")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """The root of a YAML file in ``configs/``."""
 
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     generate: GenerateConfig = dataclasses.field(default_factory=GenerateConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     seed: int = 0
 
 
