@@ -96,3 +96,10 @@ def state_shardings(state_shapes, cfg: ModelConfig, mesh: Mesh, rules: ShardingR
             return NamedSharding(mesh, specs[name])
         return replicated
     return jax.tree_util.tree_map_with_path(pick, state_shapes)
+
+
+def activation_rules(mesh: Mesh, rules: ShardingRules):
+    """Context under which the model's activation hints resolve to shardings on ``mesh``."""
+    from mcpm.model.sharding_hints import activation_sharding
+    return activation_sharding(
+        lambda axes, shape: NamedSharding(mesh, logical_spec(axes, shape, rules, mesh)))

@@ -14,7 +14,8 @@ from flax import nnx  # noqa: E402
 
 from mcpm.config import MeshConfig, ModelConfig, OptimizerConfig, ScheduleConfig  # noqa: E402
 from mcpm.model import MiniCPM4  # noqa: E402
-from mcpm.sharding import batch_sharding, make_mesh, state_shardings  # noqa: E402
+from mcpm.sharding import (activation_rules, batch_sharding, make_mesh,  # noqa: E402
+                           state_shardings)
 from mcpm.train.optimizer import make_optimizer  # noqa: E402
 from mcpm.train.schedule import wsd_schedule  # noqa: E402
 from mcpm.train.step import init_state, make_train_step  # noqa: E402
@@ -45,7 +46,8 @@ def run(mesh_cfg, devices, accum=1, steps=2):
     shapes = jax.eval_shape(lambda p: init_state(p, tx), params)
     st_sh = state_shardings(shapes, MODEL, mesh, mesh_cfg.rules)
     b_sh = batch_sharding(mesh, mesh_cfg.rules, 8)
-    step = jax.jit(make_train_step(MODEL, tx, wsd_schedule(SCHED, steps), accum_steps=accum),
+    step = jax.jit(make_train_step(MODEL, tx, wsd_schedule(SCHED, steps), accum_steps=accum,
+                                   activation_rules=lambda: activation_rules(mesh, mesh_cfg.rules)),
                    in_shardings=(st_sh, b_sh), out_shardings=(st_sh, None), donate_argnums=0)
     state = jax.jit(lambda p: init_state(p, tx), out_shardings=st_sh)(params)
     losses = []

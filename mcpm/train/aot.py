@@ -17,7 +17,7 @@ from flax import nnx
 
 from mcpm.config import Config, ConfigError
 from mcpm.model.minicpm4 import MiniCPM4
-from mcpm.sharding import batch_sharding, make_mesh, state_shardings
+from mcpm.sharding import activation_rules, batch_sharding, make_mesh, state_shardings
 from mcpm.train.optimizer import make_optimizer
 from mcpm.train.schedule import wsd_schedule
 from mcpm.train.step import BATCH_KEYS, init_state, make_train_step
@@ -80,7 +80,8 @@ def compile_train_step(cfg: Config, topology: str, batch_size: int, seq_len: int
     st_sh = state_shardings(state_shapes, model_cfg, mesh, cfg.mesh.rules)
     b_sh = batch_sharding(mesh, cfg.mesh.rules, batch_size)
     step = make_train_step(model_cfg, tx, wsd_schedule(train.schedule, train.steps),
-                           z_loss=train.z_loss, accum_steps=train.accum_steps)
+                           z_loss=train.z_loss, accum_steps=train.accum_steps,
+                           activation_rules=lambda: activation_rules(mesh, cfg.mesh.rules))
     state_in = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                             state_shapes, st_sh)
     batch_in = {k: jax.ShapeDtypeStruct((batch_size, seq_len),

@@ -8,6 +8,7 @@ Batch: ``inputs``, ``targets``, ``weights``, ``positions``, ``segment_ids``, all
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import jax
@@ -51,10 +52,16 @@ def _micro_batches(batch: dict, accum: int) -> dict:
 
 
 def make_train_step(model_cfg: ModelConfig, tx: optax.GradientTransformation,
-                    lr_schedule: Callable, *, z_loss: float = 0.0, accum_steps: int = 1):
+                    lr_schedule: Callable, *, z_loss: float = 0.0, accum_steps: int = 1,
+                    activation_rules: Callable[[], contextlib.AbstractContextManager] | None = None):
     """``step(state, batch) -> (state, metrics)``; metrics are float32/int32 scalars:
-    loss (mean nll over target tokens), z, tokens, grad_norm, lr, finite, skipped."""
+    loss (mean nll over target tokens), z, tokens, grad_norm, lr, finite, skipped.
+
+    ``activation_rules``: makes the context in which the model's activation sharding hints
+    are resolved while tracing (``lambda: mcpm.sharding.activation_rules(mesh, rules)``).
+    """
     apply = ModelApply(model_cfg)
+    hints = activation_rules or contextlib.nullcontext
 
     def sums_and_grads(params, micro):
         def objective(p):
@@ -64,6 +71,10 @@ def make_train_step(model_cfg: ModelConfig, tx: optax.GradientTransformation,
         return jax.grad(objective, has_aux=True)(params)[::-1]
 
     def step(state: dict, batch: dict):
+        with hints():
+            return _step(state, batch)
+
+    def _step(state: dict, batch: dict):
         params = state["params"]
         if accum_steps == 1:
             sums, grads = sums_and_grads(params, batch)
