@@ -268,6 +268,157 @@ class OptimizerConfig:
             raise ConfigError(f"optimizer.weight_decay must be >= 0, got {self.weight_decay}")
 
 
+DataSourceKind = Literal["builtin", "tfds", "files"]
+FileFormat = Literal["auto", "txt", "jsonl", "parquet", "arrayrecord"]
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSourceConfig:
+    """One source of training text (checked by :class:`DataConfig`, which knows its index).
+
+    ``kind``:
+
+    - ``builtin``: mcpm's built-in corpus (the Python standard library's sources as a TFDS
+      ArrayRecord dataset, prepared once into ``data.cache_dir``); ``split`` is ``train`` or
+      ``validation``.
+    - ``tfds``: a TFDS dataset already prepared in ArrayRecord format (``tfds build
+      --file_format=array_record``): ``name`` (``"my_corpus"`` or ``"my_corpus:1.0.0"``),
+      ``split`` (any TFDS split spec, e.g. ``"train[:90%]"``), ``data_dir`` (``""``: TFDS's
+      default), ``text_key`` (the text feature).
+    - ``files``: local files matching the glob patterns in ``paths`` (``~`` and ``**`` work).
+      ``format`` ``auto`` picks by name: ``.txt .text .md`` txt, ``.jsonl .ndjson .json``
+      jsonl (one JSON object a line, text in ``text_key``), ``.parquet`` parquet (text in the
+      ``text_key`` column), ``.array_record``/``.arrayrecord``/``*.array_record-NNNNN-of-NNNNN``
+      ArrayRecord (each record one UTF-8 document). A txt file is one document
+      (``txt_document: file``) or one document per blank-line-separated paragraph
+      (``txt_document: paragraph``).
+
+    ``weight``: the source's share of the documents drawn in a mixture (relative; weights are
+    normalised). ``label``: its name in metrics (``""``: derived from kind/name/paths).
+    """
+
+    kind: DataSourceKind = "builtin"
+    weight: float = 1.0
+    label: str = ""
+    split: str = "train"
+    name: str = ""
+    data_dir: str = ""
+    text_key: str = "text"
+    paths: tuple[str, ...] = ()
+    format: FileFormat = "auto"
+    txt_document: Literal["file", "paragraph"] = "file"
+
+    def display_name(self) -> str:
+        if self.label:
+            return self.label
+        if self.kind == "builtin":
+            return f"builtin:{self.split}"
+        if self.kind == "tfds":
+            return f"tfds:{self.name}:{self.split}"
+        return "files:" + ",".join(self.paths)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Training data: sources, packing, shuffling and the input pipeline (see ``mcpm.data``).
+
+    Documents are tokenized with SentencePiece (bos first, eos last), packed into rows of
+    ``seq_len`` tokens and batched ``batch_size`` rows at a time (the global batch; each of P
+    processes gets ``batch_size / P`` rows from its own disjoint share of every source). A
+    document longer than ``max_doc_tokens`` (0: ``seq_len``; at most ``seq_len``) is split into
+    pieces of that many tokens rather than dropped; each piece is its own packed segment and
+    consecutive pieces overlap by one token, so every next-token target is still trained once.
+
+    ``tokenizer``: a SentencePiece model (a file or a folder holding ``tokenizer.model``);
+    ``""`` uses the built-in one, trained once on the built-in corpus (``builtin_vocab_size``
+    pieces) into ``cache_dir``. ``cache_dir``: ``""`` is ``$MCPM_CACHE`` or ``~/.cache/mcpm``.
+    ``builtin_limit`` > 0 builds the built-in corpus from the first N stdlib files only (tests).
+
+    Pipeline: ``read_threads`` threads read and tokenize documents; ``workers`` > 0 runs the
+    reading, tokenizing and packing in that many processes (grain ``mp_prefetch``; the batch
+    order depends on the number of workers, so resume with the same number); ``prefetch``
+    batches are prepared ahead (per worker with workers, else in a background thread).
+    The same ``seed`` gives the same batches; every epoch is reshuffled.
+    """
+
+    sources: tuple[DataSourceConfig, ...] = (DataSourceConfig(),)
+    seq_len: int = 512
+    batch_size: int = 16
+    seed: int = 0
+    shuffle: bool = True
+    tokenizer: str = ""
+    builtin_vocab_size: int = 4096
+    builtin_limit: int = 0
+    cache_dir: str = ""
+    max_doc_tokens: int = 0
+    read_threads: int = 2
+    prefetch: int = 2
+    workers: int = 0
+
+    def __post_init__(self):
+        if not self.sources:
+            raise ConfigError("data.sources is empty; add at least one source, e.g. "
+                              "{kind: builtin}")
+        if self.seq_len < 2:
+            raise ConfigError(f"data.seq_len must be >= 2, got {self.seq_len}")
+        if self.batch_size < 1:
+            raise ConfigError(f"data.batch_size must be >= 1, got {self.batch_size}")
+        if self.max_doc_tokens and not 2 <= self.max_doc_tokens <= self.seq_len:
+            raise ConfigError(f"data.max_doc_tokens must be 0 (= seq_len) or in [2, seq_len="
+                              f"{self.seq_len}], got {self.max_doc_tokens}")
+        for name in ("read_threads", "prefetch", "workers"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"data.{name} must be >= 0, got {getattr(self, name)}")
+        if self.builtin_limit < 0 or self.builtin_limit == 1:
+            raise ConfigError(f"data.builtin_limit must be 0 (all files) or >= 2 (a train and a "
+                              f"validation file), got {self.builtin_limit}")
+        if self.builtin_vocab_size < 259:
+            raise ConfigError(f"data.builtin_vocab_size must be >= 259 (3 special ids and 256 "
+                              f"byte pieces), got {self.builtin_vocab_size}")
+        labels = set()
+        for i, src in enumerate(self.sources):
+            where = f"data.sources[{i}]"
+            if not (src.weight > 0 and math.isfinite(src.weight)):
+                raise ConfigError(f"{where}.weight must be a positive number, got {src.weight}")
+            if src.kind == "builtin" and src.split not in ("train", "validation"):
+                raise ConfigError(f"{where}.split: the built-in corpus has the splits 'train' and "
+                                  f"'validation', got {src.split!r}"
+                                  + _suggest(src.split, ["train", "validation"]))
+            if src.kind == "tfds" and not src.name:
+                raise ConfigError(f"{where}.name: a tfds source needs the dataset's name "
+                                  "(e.g. name: my_corpus or my_corpus:1.0.0)")
+            if src.kind == "files" and not src.paths:
+                raise ConfigError(f"{where}.paths: a files source needs glob patterns "
+                                  "(e.g. paths: ['data/*.jsonl'])")
+            if src.kind == "files" and any(not p.strip() for p in src.paths):
+                raise ConfigError(f"{where}.paths holds an empty pattern")
+            used = {"builtin": {"split"}, "tfds": {"name", "split", "data_dir", "text_key"},
+                    "files": {"paths", "format", "txt_document", "text_key"}}[src.kind]
+            for f in ("split", "name", "data_dir", "text_key", "paths", "format", "txt_document"):
+                if f not in used and getattr(src, f) != getattr(DataSourceConfig, f):
+                    raise ConfigError(f"{where}.{f} is not used by kind {src.kind!r} (it belongs "
+                                      f"to kind {_kinds_using(f)})")
+            if not src.text_key:
+                raise ConfigError(f"{where}.text_key must not be empty")
+            name = src.display_name()
+            if name in labels:
+                raise ConfigError(f"{where}: two sources are both called {name!r}; give one a "
+                                  "different label")
+            labels.add(name)
+
+    @property
+    def piece_len(self) -> int:
+        """The longest packed segment: ``max_doc_tokens``, or ``seq_len`` when 0."""
+        return self.max_doc_tokens or self.seq_len
+
+
+def _kinds_using(field: str) -> str:
+    kinds = {"split": ["builtin", "tfds"], "name": ["tfds"], "data_dir": ["tfds"],
+             "text_key": ["tfds", "files"], "paths": ["files"], "format": ["files"],
+             "txt_document": ["files"]}[field]
+    return " or ".join(repr(k) for k in kinds)
+
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 
