@@ -21,6 +21,9 @@ setup(
         "orbax-checkpoint>=0.12.8,<0.13",
         "grain>=0.2.18,<0.3",
         "tensorflow-datasets>=4.9.10,<5",
+        # TFDS builders import it on Python >= 3.9 too, but TFDS only requires it below 3.9
+        "importlib_resources>=5",
+        "pyarrow>=14",  # parquet data sources
         "sentencepiece>=0.2,<0.3",
         "safetensors>=0.7,<1",
         "ml_dtypes>=0.5",
