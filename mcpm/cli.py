@@ -141,6 +141,81 @@ def cmd_generate(args) -> int:
     return 0
 
 
+# -- train / aot --------------------------------------------------------------------------------
+
+# bare keys accepted by `mcpm train` / `mcpm aot` for the train section's most used fields
+TRAIN_ALIASES = ("workdir", "steps", "decay_from", "decay_steps")
+
+
+def _train_overrides(items: list[str]) -> list[str]:
+    out = []
+    for item in _overrides_and_extras(items):
+        key = item.split("=", 1)[0]
+        out.append(f"train.{item}" if key in TRAIN_ALIASES else item)
+    return out
+
+
+def init_distributed(args) -> None:
+    """``jax.distributed.initialize`` from flags or MCPM_COORDINATOR / MCPM_NUM_PROCESSES /
+    MCPM_PROCESS_ID; ``--distributed auto`` lets JAX detect a TPU pod or cluster itself."""
+    import os
+
+    import jax
+    coordinator = args.coordinator or os.environ.get("MCPM_COORDINATOR")
+    if args.distributed == "off" or (args.distributed == "flags" and not coordinator):
+        return
+    if args.distributed == "auto":
+        jax.distributed.initialize()
+        return
+    num = args.num_processes or int(os.environ.get("MCPM_NUM_PROCESSES", "0"))
+    pid = args.process_id if args.process_id is not None else \
+        int(os.environ.get("MCPM_PROCESS_ID", "-1"))
+    if num < 1 or pid < 0:
+        raise SystemExit("mcpm: --coordinator needs --num-processes and --process-id (or "
+                         "MCPM_NUM_PROCESSES and MCPM_PROCESS_ID)")
+    if os.environ.get("JAX_PLATFORMS") == "cpu":  # CPU processes talk through gloo
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num,
+                               process_id=pid)
+
+
+def cmd_train(args) -> int:
+    from mcpm.config import load_config
+    from mcpm.train.loop import TrainingError, train
+
+    cfg = load_config(args.config, _train_overrides(args.overrides))
+    init_distributed(args)
+    try:
+        summary = train(cfg, progress=not args.no_progress)
+    except TrainingError as e:
+        print(f"mcpm train: stopped: {e}", file=sys.stderr)
+        return 1
+    if summary["preempted"]:
+        print(f"mcpm train: SIGTERM: saved a checkpoint at step {summary['step']} in "
+              f"{summary['run_dir']}; run the same command to resume", file=sys.stderr)
+    else:
+        loss = "n/a" if summary.get("loss") is None else f"{summary['loss']:.4f}"
+        print(f"mcpm train: {summary['note']}; at step {summary['step']}, loss {loss}; "
+              f"{summary['run_dir']}" + (f" (plot {summary['plot']})" if summary.get("plot")
+                                         else ""))
+    return 0
+
+
+def cmd_aot(args) -> int:
+    from mcpm.config import load_config
+    from mcpm.train.aot import compile_train_step, format_report
+
+    cfg = load_config(args.config, _train_overrides(args.overrides))
+    batch = args.batch_size or cfg.data.batch_size
+    seq_len = args.seq_len or cfg.data.seq_len
+    report = compile_train_step(cfg, args.topology, batch, seq_len)
+    print(format_report(report))
+    if args.json:
+        import json
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    return 0 if report["fits"] else 1
+
+
 # -- demo ----------------------------------------------------------------------------------------
 
 def cmd_demo(args) -> int:
@@ -221,6 +296,30 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--vocab-size", type=int, default=4096)
     tt.add_argument("--max-sentences", type=int, default=2_000_000)
     tt.set_defaults(func=cmd_tokenizer_train)
+
+    tr = sub.add_parser("train", help="(resume) a sharded WSD pretraining run")
+    tr.add_argument("config")
+    tr.add_argument("overrides", nargs="*",
+                    help="key=value, e.g. workdir=runs/tiny steps=2000 seed=1 mesh.fsdp=2 "
+                         "decay_from=1000 decay_steps=100 data.batch_size=16")
+    tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tr.add_argument("--distributed", choices=["flags", "auto", "off"], default="flags",
+                    help="multi-host: 'flags' uses --coordinator/... or MCPM_* variables when "
+                         "given; 'auto' lets JAX detect the pod")
+    tr.add_argument("--coordinator", help="HOST:PORT of process 0 (multi-host)")
+    tr.add_argument("--num-processes", type=int)
+    tr.add_argument("--process-id", type=int)
+    tr.set_defaults(func=cmd_train)
+
+    a = sub.add_parser("aot", help="compile the train step for a TPU slice (no TPU needed) "
+                                   "and report per-device HBM use; exit 1 if it does not fit")
+    a.add_argument("config")
+    a.add_argument("overrides", nargs="*", help="key=value, e.g. mesh.fsdp=64 mesh.data=-1")
+    a.add_argument("--topology", required=True, help="e.g. v5p-64, v5e-256, v4-32, v5p:4x4x2")
+    a.add_argument("--batch-size", type=int, help="global batch (default: data.batch_size)")
+    a.add_argument("--seq-len", type=int, help="default: data.seq_len")
+    a.add_argument("--json", help="also write the report to this file")
+    a.set_defaults(func=cmd_aot)
 
     d = sub.add_parser("demo", help="end-to-end demo on the tiny config (quick start)")
     d.add_argument("--config", default=str(Path(__file__).resolve().parent.parent / "configs"

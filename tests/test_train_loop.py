@@ -1,0 +1,104 @@
+"""The training loop: resume exactness, branch decay, non-finite stop, outputs of a run.
+
+A small deterministic in-memory batch source stands in for the data pipeline here (its own
+tests cover it); tests/test_train_cli.py runs the real pipeline end to end."""
+import json
+
+import numpy as np
+import pytest
+
+from mcpm.config import load_config
+from mcpm.train.loop import TrainingError, train
+from mcpm.train.metrics import read_metrics
+
+
+class CountingSource:
+    """Batch k is a pure function of (seed, k); the state is k."""
+
+    def __init__(self, batch, seq_len, vocab, seed=0, nan_from=None):
+        self.batch, self.seq_len, self.vocab, self.seed = batch, seq_len, vocab, seed
+        self.k, self.nan_from = 0, nan_from
+
+    def __next__(self):
+        rng = np.random.default_rng((self.seed, self.k))
+        ids = rng.integers(3, self.vocab, (self.batch, self.seq_len + 1))
+        ids[:, 1::2] = ids[:, 0:-1:2]  # learnable: every odd token repeats the one before
+        w = np.ones((self.batch, self.seq_len), np.float32)
+        if self.nan_from is not None and self.k >= self.nan_from:
+            w[0, 0] = np.nan
+        self.k += 1
+        return {"inputs": ids[:, :-1].astype(np.int32), "targets": ids[:, 1:].astype(np.int32),
+                "weights": w, "positions": np.broadcast_to(np.arange(self.seq_len),
+                                                           (self.batch, self.seq_len)).astype(np.int32),
+                "segment_ids": np.ones((self.batch, self.seq_len), np.int32)}
+
+    def get_state(self):
+        return {"k": self.k}
+
+    def set_state(self, state):
+        self.k = state["k"]
+
+    def stats(self):
+        return {"batches": self.k}
+
+
+def config(tmp_path, *extra):
+    return load_config("configs/tiny.yaml", [
+        f"train.workdir={tmp_path}", "model.num_hidden_layers=2", "model.hidden_size=64",
+        "model.intermediate_size=96", "model.dim_model_base=16", "model.vocab_size=256",
+        "data.batch_size=4", "data.seq_len=32", "train.log_every=1", "train.checkpoint_every=2",
+        "train.schedule.warmup_steps=2", "train.schedule.peak_lr=0.01",
+        "train.peak_flops_per_device=1e11", *extra])
+
+
+def source(cfg, **kw):
+    return CountingSource(cfg.data.batch_size, cfg.data.seq_len, cfg.model.vocab_size, **kw)
+
+
+def losses(run_dir):
+    return [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl")]
+
+
+def test_stop_and_resume_gives_bitwise_identical_losses(tmp_path):
+    straight = config(tmp_path / "a", "train.steps=6")
+    out = train(straight, data=source(straight), progress=False)
+    assert out["step"] == 6 and out["checkpoints"][-1] == 6
+    half = config(tmp_path / "b", "train.steps=3")
+    train(half, data=source(half), progress=False)
+    resumed = config(tmp_path / "b", "train.steps=6")
+    out = train(resumed, data=source(resumed), progress=False)
+    assert out["note"] == "resumed from step 3"
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")  # bitwise: exact float equality
+    assert losses(tmp_path / "a")[-1] < losses(tmp_path / "a")[0]
+    rows = read_metrics(tmp_path / "a" / "metrics.jsonl")
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "data_batches"} <= set(rows[0])
+    assert (tmp_path / "a" / "loss.png").is_file()
+    assert json.loads((tmp_path / "a" / "summary.json").read_text())["step"] == 6
+    # the same steps again: nothing to do
+    assert train(straight, data=source(straight), progress=False)["note"] == "already at step 6"
+
+
+def test_branch_decay_restores_the_stable_checkpoint_and_leaves_the_main_run(tmp_path):
+    main = config(tmp_path, "train.steps=4", "train.schedule.decay_fraction=0.0")
+    train(main, data=source(main), progress=False)
+    before = (tmp_path / "metrics.jsonl").read_text()
+    branch = config(tmp_path, "train.steps=4", "train.schedule.decay_fraction=0.0",
+                    "train.decay_from=2", "train.decay_steps=3",
+                    "train.schedule.decay_shape=linear")
+    out = train(branch, data=source(branch), progress=False)
+    assert out["run_dir"] == str(tmp_path / "decay_from_2") and out["step"] == 5
+    rows = read_metrics(tmp_path / "decay_from_2" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [3, 4, 5]
+    np.testing.assert_allclose([r["lr"] for r in rows], [0.01, 0.01 * 2 / 3, 0.01 / 3], rtol=1e-5)
+    assert (tmp_path / "metrics.jsonl").read_text() == before
+    # its first step continues the main run's data: step 3 of the branch = step 3 of main
+    main_rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert rows[0]["loss"] == main_rows[2]["loss"]
+
+
+def test_non_finite_steps_in_a_row_stop_the_run_clearly(tmp_path):
+    cfg = config(tmp_path, "train.steps=10", "train.max_nonfinite_in_a_row=3")
+    with pytest.raises(TrainingError, match="3 steps in a row up to step 5"):
+        train(cfg, data=source(cfg, nan_from=2), progress=False)
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert rows[2]["loss"] is None and rows[2]["skipped"] == 1
