@@ -219,26 +219,24 @@ def cmd_aot(args) -> int:
 # -- demo ----------------------------------------------------------------------------------------
 
 def cmd_demo(args) -> int:
-    """Tokenizer on the stdlib, a fresh tiny model, save, export to HF, reload, generate."""
-    from mcpm.data.builtin_corpus import stdlib_source_files
-    from mcpm.tokenizer import train_tokenizer
-
-    work = Path(args.workdir)
-    tok_dir = work / "tokenizer"
-    config = Path(args.config)
-    if not (tok_dir / "tokenizer.model").is_file():
-        print("== training a SentencePiece tokenizer on the Python standard library")
-        train_tokenizer(stdlib_source_files(), tok_dir, vocab_size=4096, max_sentences=300_000)
-    print(f"== initialising {config.name} (random weights until the training issue lands)")
+    """The quick start's main job: pretrain the tiny config on the built-in corpus (prepared
+    and tokenized once), export the result to the official HF format, generate from it."""
     ns = argparse.Namespace
-    cmd_init(ns(config=str(config), overrides=list(args.overrides), out=str(work / "init"),
-                tokenizer=str(tok_dir), overwrite=True))
-    print("== exporting to the official Hugging Face format and loading it back")
-    cmd_convert_to_hf(ns(src=str(work / "init"), out=str(work / "hf"), dtype="keep",
+    print(f"== pretraining {Path(args.config).name} on the built-in corpus (the Python standard "
+          "library's sources); the first run prepares the corpus and its tokenizer")
+    rc = cmd_train(ns(config=args.config, overrides=list(args.overrides), no_progress=False,
+                      distributed="off", coordinator=None, num_processes=None, process_id=None))
+    if rc:
+        return rc
+    from mcpm.config import load_config
+    from mcpm.train.loop import run_layout
+    run_dir = run_layout(load_config(args.config, _train_overrides(args.overrides)))[0]
+    print("== exporting the trained model to the official Hugging Face format")
+    cmd_convert_to_hf(ns(src=str(run_dir / "model"), out=str(run_dir / "hf"), dtype="keep",
                          max_shard_size="5GB", overwrite=True))
     print("== generating (greedy) from the exported checkpoint")
-    return cmd_generate(ns(checkpoint=str(work / "hf"), tokenizer=None, prompt=args.prompt,
-                           overrides=["generate.max_new_tokens=32"]))
+    return cmd_generate(ns(checkpoint=str(run_dir / "hf"), tokenizer=None, prompt=args.prompt,
+                           overrides=["generate.max_new_tokens=48"]))
 
 
 # -- parser --------------------------------------------------------------------------------------
@@ -324,9 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="end-to-end demo on the tiny config (quick start)")
     d.add_argument("--config", default=str(Path(__file__).resolve().parent.parent / "configs"
                                            / "tiny.yaml"))
-    d.add_argument("--workdir", default="runs/demo")
     d.add_argument("--prompt", default=DEFAULT_PROMPT)
-    d.add_argument("overrides", nargs="*")
+    d.add_argument("overrides", nargs="*", help="key=value for the training run, e.g. steps=50")
     d.set_defaults(func=cmd_demo)
     return p
 

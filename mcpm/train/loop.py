@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mcpm.config import Config, ModelConfig, save_yaml, to_dict
+from mcpm.config import Config, ConfigError, ModelConfig, save_yaml, to_dict
 from mcpm.model.minicpm4 import MiniCPM4
 from mcpm.sharding import (activation_rules, batch_sharding, describe, make_mesh,
                            state_shardings)
@@ -129,6 +129,11 @@ def train(cfg: Config, *, data=None, progress: bool = True) -> dict:
         cfg.data, process_index=jax.process_index(), process_count=jax.process_count())
     if data_state is not None:
         source.set_state(data_state)
+    vocab = getattr(source, "vocab_size", None)
+    if vocab is not None and vocab > model_cfg.vocab_size:
+        raise ConfigError(f"the tokenizer {getattr(source, 'tokenizer_path', '')} has {vocab} "
+                          f"pieces but model.vocab_size is {model_cfg.vocab_size}: raise "
+                          "model.vocab_size or use a smaller tokenizer (data.tokenizer)")
 
     step_fn = jax.jit(
         make_train_step(model_cfg, tx, schedule, z_loss=t.z_loss, accum_steps=t.accum_steps,
@@ -199,12 +204,20 @@ def train(cfg: Config, *, data=None, progress: bool = True) -> dict:
             bar.close()
         ckpts.close()
         writer.close()
+    model_dir = None
+    if not preempted and jax.process_count() == 1:
+        # the trained model as an mcpm checkpoint (tokenizer included): mcpm generate, convert
+        from mcpm.checkpoint import save_checkpoint
+        tok = getattr(source, "tokenizer_path", None)
+        model_dir = str(save_checkpoint(
+            run_dir / "model", model_cfg, jax.device_get(state["params"]),
+            aux_dir=Path(tok).parent if tok else None, overwrite=True))
     plot = None
     if is_main and (run_dir / "metrics.jsonl").exists():
         plot = str(plot_metrics(run_dir / "metrics.jsonl", run_dir / "loss.png",
                                 f"{run_dir.name}: {model_cfg.num_params() / 1e6:.1f}M parameters"))
     summary = {"run_dir": str(run_dir), "step": step, "loss": last_loss, "preempted": preempted,
-               "note": note, "plot": plot, "checkpoints": ckpts.steps()}
+               "note": note, "plot": plot, "checkpoints": ckpts.steps(), "model": model_dir}
     if is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
