@@ -96,11 +96,11 @@ def compile_train_step(cfg: Config, topology: str, batch_size: int, seq_len: int
     try:
         compiled = lowered.compile()
     except Exception as e:  # noqa: BLE001 - XLA refuses programs that cannot fit
-        m = re.search(r"required for HLO temporaries \(([\d.]+)([GMK])\) exceeds available "
-                      r"HBM \(([\d.]+)([GMK])\)", str(e))
+        m = re.search(r"required for HLO temporaries \(([\d.]+)([TGMK])\) exceeds available "
+                      r"HBM \(([\d.]+)([TGMK])\)", str(e))
         if "RESOURCE_EXHAUSTED" not in str(e) or not m:
             raise
-        unit = {"G": GIB, "M": 1024 ** 2, "K": 1024}
+        unit = {"T": 1024 * GIB, "G": GIB, "M": 1024 ** 2, "K": 1024}
         report.update(argument_bytes=None, output_bytes=None, alias_bytes=None,
                       temp_bytes=int(float(m.group(1)) * unit[m.group(2)]),
                       generated_code_bytes=None, fits=False,
