@@ -5,6 +5,11 @@ sized for prompt + new tokens, rounded up to 64 slots), so the decode step compi
 reused for every token; the layers are a ``lax.scan`` inside it. Prompts of different lengths
 share one batch: padding slots carry segment id 0 and are never attended, and each row's RoPE
 positions start at 0 at its first real token.
+
+A model with a ``sparse_config`` generates with InfLLM v2 (spec 3 "Decode"): its cache also keeps
+the compressed keys, extended by the prefill and every step, and each row switches from dense to
+sparse attention when its own length reaches ``dense_len``; blocks and kernels count from each
+row's first real token, so left padding does not change a row's tokens.
 """
 from __future__ import annotations
 

@@ -55,10 +55,24 @@ def test_gradients_flow_through_sparse_attention():
         assert np.isfinite(g).all() and np.abs(g).max() > 0, name
 
 
-def test_sparse_decode_is_refused_clearly():
-    model = model_with(SPARSE)
-    with pytest.raises(NotImplementedError, match="issue 3"):
-        model(jnp.ones((1, 4), jnp.int32), cache=KVCache.create(model.config, 1, 64))
+def test_kv_cache_keeps_compressed_keys_only_when_sparse_can_apply():
+    """A dense model's cache holds exactly the dense arrays; so does a sparse one whose dense_len
+    exceeds the cache (it never leaves dense attention there), and it decodes like the dense
+    model. A cache without compressed keys is refused clearly where InfLLM v2 needs them."""
+    dense_cache = KVCache.create(model_with(None).config, 2, 64)
+    assert dense_cache.kernels is None and dense_cache.key_tail is None
+    assert len(jax.tree.leaves(dense_cache)) == 4
+    short = model_with(dataclasses.replace(SPARSE, dense_len=65))
+    assert len(jax.tree.leaves(KVCache.create(short.config, 2, 64))) == 4
+    sparse = model_with(SPARSE)
+    cache = KVCache.create(sparse.config, 2, 64)
+    assert cache.kernels.shape == (2, 2, 31, 2, 8) and cache.key_tail.shape == (2, 2, 3, 2, 8)
+    ids = jnp.asarray(np.random.default_rng(4).integers(0, 64, (2, 9)), jnp.int32)
+    step = nnx.jit(lambda m, x, c: m(x, cache=c)[0])
+    np.testing.assert_array_equal(step(short, ids, KVCache.create(short.config, 2, 64)),
+                                  step(model_with(None), ids, dense_cache))
+    with pytest.raises(ValueError, match="no compressed keys"):
+        sparse(ids, cache=dense_cache)
 
 
 def test_use_nope_scores_blocks_with_pre_rope_keys():

@@ -19,8 +19,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mcpm.config import ModelConfig
-from mcpm.model.attention import attention, attention_mask, cached_attention
+from mcpm.model.attention import (SparseCacheView, attention, attention_mask, cached_attention,
+                                  sparse_possible)
 from mcpm.model.layers import apply_rope, rms_norm, rope_cos_sin, swiglu
+from mcpm_kernels.infllmv2.decode import append_keys, compressed_cache_sizes, leading_padding
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -72,19 +74,37 @@ class KVCache(NamedTuple):
     ``k, v``: ``[L, B, K, S, D]`` (head-major: one head's slots are contiguous, the layout the
     attention einsums read without a transpose); ``segment_ids [B, S]`` (0 = empty or padding
     slot); ``index``: int32 scalar, the number of slots written so far (the same for every row).
+
+    A model whose ``sparse_config`` can need InfLLM v2 within ``S`` slots (``dense_len`` -1 or at
+    most S) also keeps its compressed keys (spec 3 "Decode", see
+    :mod:`mcpm_kernels.infllmv2.decode`), counted from each row's first real token and extended
+    by every call: ``kernels [L, B, C, K, D]`` float32 (slot c: the mean of kernel c's keys once
+    complete), ``coarse_kernels [L, B, C', K, D]`` (with ``lse_approx``) and ``key_tail
+    [L, B, R, K, D]`` (the scoring keys of the last R slots, R = largest kernel size - 1). Any
+    other cache has None there: the same arrays as a dense model's.
     """
 
     k: jax.Array
     v: jax.Array
     segment_ids: jax.Array
     index: jax.Array
+    kernels: Optional[jax.Array] = None
+    coarse_kernels: Optional[jax.Array] = None
+    key_tail: Optional[jax.Array] = None
 
     @staticmethod
     def create(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
         dtype = dtype or DTYPES[cfg.compute_dtype]
-        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
-                       jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))
+        L, K, D = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
+        shape = (L, batch, K, max_len, D)
+        cache = KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+                        jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))
+        if not sparse_possible(cfg, max_len):
+            return cache
+        c, cc, r = compressed_cache_sizes(cfg.sparse_config, max_len)
+        zeros = lambda n: jnp.zeros((L, batch, n, K, D), jnp.float32)
+        return cache._replace(kernels=zeros(c), coarse_kernels=zeros(cc) if cc else None,
+                              key_tail=zeros(r))
 
     @property
     def max_len(self) -> int:
@@ -142,6 +162,7 @@ class MiniCPM4(nnx.Module):
             segment_ids = jnp.ones((b, t), jnp.int32)
         segment_ids = segment_ids.astype(jnp.int32)
 
+        compressed = None
         if cache is None:
             mask = attention_mask(q_slot, segment_ids, q_slot, segment_ids)
         else:
@@ -149,6 +170,14 @@ class MiniCPM4(nnx.Module):
             k_slot = jnp.broadcast_to(jnp.arange(cache.max_len, dtype=jnp.int32),
                                       (b, cache.max_len))
             mask = attention_mask(q_slot, segment_ids, k_slot, new_seg)
+            if sparse_possible(cfg, cache.max_len):
+                if cache.kernels is None:
+                    raise ValueError(
+                        "this model's sparse_config needs InfLLM v2 within the cache's "
+                        f"{cache.max_len} slots, but the KV cache has no compressed keys: create "
+                        "it with KVCache.create(model.config, batch, max_len)")
+                compressed = (cache.kernels, cache.coarse_kernels, cache.key_tail)
+                lead = leading_padding(new_seg)
         cos, sin = rope_cos_sin(positions, cfg)
 
         h = self.embed[...][input_ids].astype(cdtype) * jnp.asarray(cfg.scale_emb, cdtype)
@@ -157,29 +186,32 @@ class MiniCPM4(nnx.Module):
         r = cfg.residual_scale
 
         def layer(h_bth, p, kv=None):
-            """One decoder layer. ``kv = (layer index, k_lbksd, v_lbksd)``: write this layer's
-            new keys/values into the cache at ``start`` and attend over all its slots."""
+            """One decoder layer. ``kv = (layer index, k_lbksd, v_lbksd, compressed)``: write this
+            layer's new keys/values (and compressed keys, when kept) into the cache at ``start``
+            and attend over all its slots."""
             p = {name: w.astype(cdtype) for name, w in p.items()}
             x = rms_norm(h_bth, p["attn_norm"], cfg.rms_norm_eps)
             q = apply_rope(jnp.einsum("bth,hnd->btnd", x, p["q"]), cos, sin)
+            k_pre = jnp.einsum("bth,hkd->btkd", x, p["k"])
+            k = apply_rope(k_pre, cos, sin)
             if kv is None:
-                k_pre = jnp.einsum("bth,hkd->btkd", x, p["k"])
-                k = apply_rope(k_pre, cos, sin)
                 v = jnp.einsum("bth,hkd->btkd", x, p["v"])
                 o = attention(q, k, v, mask, cfg, segment_ids, k_pre_rope_btkd=k_pre)
             else:
-                i, k_lbksd, v_lbksd = kv
+                i, k_lbksd, v_lbksd, comp = kv
                 dtype = k_lbksd.dtype
-                k_bktd = apply_rope(jnp.einsum("bth,hkd->btkd", x, p["k"]), cos, sin
-                                    ).transpose(0, 2, 1, 3)
+                k_bktd = k.transpose(0, 2, 1, 3)
                 v_bktd = jnp.einsum("bth,hkd->bktd", x, p["v"])
                 at = (i, 0, 0, start, 0)
                 k_lbksd = jax.lax.dynamic_update_slice(k_lbksd, k_bktd[None].astype(dtype), at)
                 v_lbksd = jax.lax.dynamic_update_slice(v_lbksd, v_bktd[None].astype(dtype), at)
-                k_bksd = jax.lax.dynamic_index_in_dim(k_lbksd, i, keepdims=False).astype(cdtype)
-                v_bksd = jax.lax.dynamic_index_in_dim(v_lbksd, i, keepdims=False).astype(cdtype)
-                o = cached_attention(q, k_bksd, v_bksd, mask, cfg)
-                kv = (k_lbksd, v_lbksd)
+                view = None
+                if comp is not None:
+                    scoring = k_pre if cfg.sparse_config.use_nope else k
+                    comp = append_keys(*comp, i, scoring, start, lead, cfg.sparse_config)
+                    view = SparseCacheView(comp[0], comp[1], start, lead, segment_ids, new_seg)
+                o = cached_attention(q, k_lbksd, v_lbksd, i, mask, cfg, view)
+                kv = (k_lbksd, v_lbksd, comp)
             h_bth = h_bth + r * jnp.einsum("btnd,ndh->bth", o, p["o"])
             x = rms_norm(h_bth, p["mlp_norm"], cfg.rms_norm_eps)
             h_bth = h_bth + r * swiglu(x, p["gate"], p["up"], p["down"])
@@ -196,15 +228,18 @@ class MiniCPM4(nnx.Module):
             # copy every layer's cache on every decode step (time growing with B x S).
             # Inference only, so no remat here.
             def body(carry, xs):
-                h_bth, k_lbksd, v_lbksd = carry
+                h_bth, k_lbksd, v_lbksd, comp = carry
                 p, i = xs
-                h_bth, kv = layer(h_bth, p, (i, k_lbksd, v_lbksd))
+                h_bth, kv = layer(h_bth, p, (i, k_lbksd, v_lbksd, comp))
                 return (h_bth, *kv), None
 
             layer_ids = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)
-            (h, k_lbksd, v_lbksd), _ = jax.lax.scan(
-                body, (h, cache.k, cache.v), (layer_params, layer_ids))
-            new_cache = KVCache(k_lbksd, v_lbksd, new_seg, start + t)
+            (h, k_lbksd, v_lbksd, comp), _ = jax.lax.scan(
+                body, (h, cache.k, cache.v, compressed), (layer_params, layer_ids))
+            new_cache = cache._replace(k=k_lbksd, v=v_lbksd, segment_ids=new_seg, index=start + t)
+            if comp is not None:
+                new_cache = new_cache._replace(kernels=comp[0], coarse_kernels=comp[1],
+                                               key_tail=comp[2])
 
         x = rms_norm(h, self.final_norm[...].astype(cdtype), cfg.rms_norm_eps)
         x = x / jnp.asarray(cfg.width_mult, cdtype)
