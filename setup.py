@@ -12,7 +12,8 @@ setup(
     version="0.1.0",
     description="MiniCPM4 in JAX/Flax NNX: exact official-checkpoint interop, InfLLM v2, training",
     python_requires=">=3.11",
-    packages=["mcpm", "mcpm.model", "mcpm.data", "mcpm.train", "mcpm_kernels", "mcpm_kernels.infllmv2"],
+    packages=["mcpm", "mcpm.model", "mcpm.data", "mcpm.train", "mcpm_kernels", "mcpm_kernels.infllmv2",
+              "mcpm_kernels.dense_attention"],
     package_dir={"mcpm": "mcpm", "mcpm_kernels": "kernels"},
     install_requires=[
         "jax>=0.10.2,<0.13",
