@@ -1,13 +1,14 @@
 """Public entry points of InfLLM v2, with an ``implementation=`` switch.
 
 "reference" is dense (O(T^2), for tests); "xla" gathers each query's blocks (memory linear in
-T, the fast path on CPU); "pallas" (the TPU/GPU kernels) is the rest of issue 3 and raises
-until it lands; "auto" is "xla" for now.
+T, the fast path on CPU); "pallas" runs the XLA block selection, then the Pallas TPU attention
+kernel (forward and backward; interpreted on CPU); "auto" is "xla" for now.
 """
 from __future__ import annotations
 
 import jax
 
+from mcpm_kernels.infllmv2.pallas_attention import attention_pallas
 from mcpm_kernels.infllmv2.reference import attention_reference, block_mask
 from mcpm_kernels.infllmv2.xla import attention_xla
 
@@ -36,18 +37,20 @@ def infllmv2_block_mask(q_btnd: jax.Array, k_btkd: jax.Array, sparse_config, *,
 def infllmv2_attention(q_btnd: jax.Array, k_btkd: jax.Array, v_btkd: jax.Array, sparse_config,
                        *, implementation: str = "auto",
                        segment_ids: jax.Array | None = None,
-                       scoring_keys: jax.Array | None = None) -> jax.Array:
+                       scoring_keys: jax.Array | None = None, interpret=None) -> jax.Array:
     """InfLLM v2 attention ``[B, T, N, D]`` (spec section 3; variant from ``sparse_config``).
 
     ``segment_ids [B, T]``: packed documents (0 = padding); attention never crosses them.
     ``scoring_keys [B, T, K, D]``: the pre-RoPE keys, needed with ``sparse_config.use_nope``.
+    ``interpret`` (pallas only): run the kernels in the Pallas interpreter; None = when the
+    default backend is the CPU; False compiles them for TPU (e.g. AOT from a CPU host).
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
-    if implementation == "pallas":
-        raise NotImplementedError("implementation='pallas' is not written yet (issue 3); use "
-                                  "'xla' (gathered plain JAX) or 'reference' (dense, for tests)")
     k_score = _scoring_keys(sparse_config, scoring_keys)
+    if implementation == "pallas":
+        return attention_pallas(q_btnd, k_btkd, v_btkd, sparse_config, segment_ids,
+                                k_for_scoring_btkd=k_score, interpret=interpret)
     if implementation == "reference":
         return attention_reference(q_btnd, k_btkd, v_btkd, sparse_config, segment_ids, k_score)
     return attention_xla(q_btnd, k_btkd, v_btkd, sparse_config, segment_ids,
