@@ -22,6 +22,7 @@ from mcpm.config import ModelConfig
 from mcpm.model.attention import (SparseCacheView, attention, attention_mask, cached_attention,
                                   sparse_possible)
 from mcpm.model.layers import apply_rope, rms_norm, rope_cos_sin, swiglu
+from mcpm.model.sharding_hints import constrain
 from mcpm_kernels.infllmv2.decode import append_keys, compressed_cache_sizes, leading_padding
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -41,6 +42,10 @@ LOGICAL_AXES = {
     "up": ("layers", "embed", "mlp"),
     "down": ("layers", "mlp", "embed"),
 }
+
+# logical axes of the residual stream: batch-parallel, the hidden dim whole on each device
+# (FSDP shards the weights, not the activations); see mcpm.model.sharding_hints
+RESIDUAL_AXES = ("batch", "length", None)
 
 LAYER_PARAMS = ("attn_norm", "q", "k", "v", "o", "mlp_norm", "gate", "up", "down")
 
@@ -181,6 +186,7 @@ class MiniCPM4(nnx.Module):
         cos, sin = rope_cos_sin(positions, cfg)
 
         h = self.embed[...][input_ids].astype(cdtype) * jnp.asarray(cfg.scale_emb, cdtype)
+        h = constrain(h, RESIDUAL_AXES)
         # cast one layer at a time inside the scan: no compute-dtype copy of the whole model
         layer_params = {name: getattr(self, name)[...] for name in LAYER_PARAMS}
         r = cfg.residual_scale
@@ -190,8 +196,10 @@ class MiniCPM4(nnx.Module):
             layer's new keys/values (and compressed keys, when kept) into the cache at ``start``
             and attend over all its slots."""
             p = {name: w.astype(cdtype) for name, w in p.items()}
+            h_bth = constrain(h_bth, RESIDUAL_AXES)
             x = rms_norm(h_bth, p["attn_norm"], cfg.rms_norm_eps)
             q = apply_rope(jnp.einsum("bth,hnd->btnd", x, p["q"]), cos, sin)
+            q = constrain(q, ("batch", "length", "heads", "head_dim"))
             k_pre = jnp.einsum("bth,hkd->btkd", x, p["k"])
             k = apply_rope(k_pre, cos, sin)
             if kv is None:
@@ -249,5 +257,5 @@ class MiniCPM4(nnx.Module):
         else:
             logits = jnp.einsum("bth,hv->btv", x, self.lm_head[...].astype(cdtype),
                                 preferred_element_type=jnp.float32)
-        logits = logits.astype(jnp.float32)
+        logits = constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
         return logits if cache is None else (logits, new_cache)
