@@ -39,7 +39,7 @@ def batches(n, b=8, t=16):
                "weights": w, "positions": pos, "segment_ids": seg}
 
 
-def run(mesh_cfg, devices, accum=1, steps=2):
+def run(mesh_cfg, devices, accum=1, steps=2, reshard_to=None):
     params = nnx.to_pure_dict(nnx.state(MiniCPM4(MODEL, rngs=nnx.Rngs(0)), nnx.Param))
     tx = make_optimizer(params, MODEL, OptimizerConfig(), SCHED, total_steps=steps)
     mesh = make_mesh(mesh_cfg, devices)
@@ -55,6 +55,22 @@ def run(mesh_cfg, devices, accum=1, steps=2):
         state, metrics = step(state, jax.device_put(batch, b_sh))
         losses.append(float(metrics["loss"]))
     q_spec = str(state["params"]["q"].sharding.spec)
+    if reshard_to is not None:  # save here, restore onto another mesh: same values
+        import tempfile
+
+        from mcpm.train.checkpoints import RunCheckpoints
+        other = make_mesh(reshard_to, devices)
+        target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                              shapes, state_shardings(shapes, MODEL, other, reshard_to.rules))
+        with tempfile.TemporaryDirectory() as tmp:
+            ck = RunCheckpoints(tmp)
+            ck.save(steps, state, {})
+            ck.wait()
+            _, restored, _, _ = ck.restore(target)
+            ck.close()
+        for name, value in state["params"].items():
+            np.testing.assert_array_equal(np.asarray(restored["params"][name]), np.asarray(value))
+        q_spec += " -> " + str(restored["params"]["q"].sharding.spec)
     return {"losses": losses, "q_spec": q_spec,
             "first": {k: np.asarray(v).ravel()[:64].tolist() for k, v in state["params"].items()}}
 
@@ -63,8 +79,8 @@ if __name__ == "__main__":
     devices = jax.devices()
     assert len(devices) == 8, devices
     out = {"single": run(MeshConfig(data=1), devices[:1])}
-    for name, cfg, accum in [("fsdp8", MeshConfig(data=1, fsdp=8), 1),
-                             ("tensor2_fsdp4", MeshConfig(data=1, fsdp=4, tensor=2), 1),
-                             ("mixed_accum", MeshConfig(data=2, fsdp=2, tensor=2), 2)]:
-        out[name] = run(cfg, devices, accum)
+    out["fsdp8"] = run(MeshConfig(data=1, fsdp=8), devices,
+                       reshard_to=MeshConfig(data=2, fsdp=1, tensor=4))
+    out["tensor2_fsdp4"] = run(MeshConfig(data=1, fsdp=4, tensor=2), devices)
+    out["mixed_accum"] = run(MeshConfig(data=2, fsdp=2, tensor=2), devices, accum=2)
     json.dump(out, sys.stdout)

@@ -1,5 +1,6 @@
 """The sharded train step on 8 simulated CPU devices (data, fsdp, tensor and mixed meshes, with
-gradient accumulation) gives the single-device losses and parameters."""
+gradient accumulation) gives the single-device losses and parameters; a checkpoint restores
+onto another mesh."""
 import json
 import os
 import subprocess
@@ -23,3 +24,5 @@ def test_meshes_equal_single_device():
             np.testing.assert_allclose(run["first"][k], single["first"][k], rtol=1e-4, atol=1e-6,
                                        err_msg=f"{name}: {k}")
     assert "fsdp" in out["fsdp8"]["q_spec"] and "tensor" in out["tensor2_fsdp4"]["q_spec"]
+    # a checkpoint of the fsdp run restored onto a data x tensor mesh: resharded, same values
+    assert out["fsdp8"]["q_spec"].split(" -> ")[1] == "P(None, None, 'tensor', None)"
