@@ -220,3 +220,23 @@ def test_no_race_detected():
     run(bwd.dq_plan(geo, q.dtype).call, rows, q_t, do, lse, delta, qseg, k_b, v_b, kseg)
     run(bwd.dkv_plan(geo, k.dtype).call, csr, k_b, v_b, kseg, pair_tile, pair_bits, q_t, do, lse,
         delta, qseg)
+
+
+def test_race_detector_flags_a_read_before_the_dma_wait():
+    """The check above is not vacuous: reading a DMA's destination before waiting is a race."""
+    from jax._src.pallas.mosaic.interpret import interpret_pallas_call as tpu_interpret
+    from jax.experimental import pallas as pl
+
+    def racy(x_hbm, o_ref, buf, sem):
+        copy = pltpu.make_async_copy(x_hbm, buf, sem.at[0])
+        copy.start()
+        o_ref[...] = buf[...]          # before copy.wait()
+        copy.wait()
+
+    call = pl.pallas_call(
+        racy, out_shape=jax.ShapeDtypeStruct((8, 128), jnp.float32),
+        in_specs=[pl.BlockSpec(memory_space=pl.ANY)],
+        scratch_shapes=[pltpu.VMEM((8, 128), jnp.float32), pltpu.SemaphoreType.DMA((1,))],
+        interpret=pltpu.InterpretParams(detect_races=True))
+    jax.block_until_ready(call(jnp.ones((8, 128), jnp.float32)))
+    assert tpu_interpret.races is not None and tpu_interpret.races.races_found
