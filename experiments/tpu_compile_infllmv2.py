@@ -182,7 +182,7 @@ Arguments are q, k, v ({t * 32 * 128 * 2 / MIB:.1f} + 2 x {t * 2 * 128 * 2 / MIB
 the fwd output is the attention output, the fwd+bwd outputs are dq, dk, dv. Temporaries hold the
 block lists of the selection (`[1, 2, T, P = {p}]`), the index tables below, the kernels'
 log-sum-exp/delta rows, the forward output kept for the backward, K/V in block layout and XLA's
-sort/selection scratch; q, o, do and dq are read and written by the kernels in place in the
+sort/selection scratch; q, o, do and dq are read and written by the kernels directly in the
 model's `[B, T, N, D]` layout (no transposed copies).
 
 ## Kernels (computed from block shapes and scratch; not reported by the compiler)
