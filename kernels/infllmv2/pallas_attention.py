@@ -41,7 +41,7 @@ from mcpm_kernels.infllmv2.pallas_tables import (MAX_TILE_TOKENS, NN_DIMS, NT_DI
                                                  tile_block_loop, tile_rows, tiles_to_queries,
                                                  to_column, to_row, union_bound)
 from mcpm_kernels.infllmv2.reference import attention_reference
-from mcpm_kernels.infllmv2.xla import select_block_lists
+from mcpm_kernels.infllmv2.pallas_selection import select_block_lists_pallas
 
 
 def _forward_kernel(*refs, geo: Geometry):
@@ -208,8 +208,9 @@ def default_interpret() -> bool:
 def attention_pallas(q_btnd: jax.Array, k_btkd: jax.Array, v_btkd: jax.Array, cfg,
                      segment_ids_bt: jax.Array | None = None, *,
                      k_for_scoring_btkd: jax.Array | None = None, interpret=None,
-                     sizes: BlockSizes = BlockSizes(), select_chunk: int = 64) -> jax.Array:
-    """InfLLM v2 attention ``[B, T, N, D]``: XLA block selection, then the Pallas kernel.
+                     sizes: BlockSizes = BlockSizes(), select_chunk: int = 2048) -> jax.Array:
+    """InfLLM v2 attention ``[B, T, N, D]``: block selection with the Pallas stage-1 scoring
+    kernel (:mod:`~mcpm_kernels.infllmv2.pallas_selection`), then the block-sparse kernel.
 
     Below ``dense_len`` the dense reference, as :func:`attention_xla`. ``k_for_scoring_btkd``:
     the pre-RoPE keys when ``use_nope``. ``interpret=None``: :func:`default_interpret`.
@@ -217,7 +218,10 @@ def attention_pallas(q_btnd: jax.Array, k_btkd: jax.Array, v_btkd: jax.Array, cf
     t, n = q_btnd.shape[1], q_btnd.shape[2]
     if cfg.dense_len != -1 and t < cfg.dense_len:
         return attention_reference(q_btnd, k_btkd, v_btkd, cfg, segment_ids_bt)
-    idx, valid = select_block_lists(q_btnd, k_btkd, cfg, select_chunk, k_for_scoring_btkd)
+    interpret = default_interpret() if interpret is None else interpret
+    idx, valid = select_block_lists_pallas(q_btnd, k_btkd, cfg, chunk=select_chunk,
+                                           k_for_scoring_btkd=k_for_scoring_btkd,
+                                           interpret=interpret)
     bs = cfg.block_size
     m = -(-t // bs)
     if cfg.variant == "A":                      # top-k slots + the W window blocks
@@ -227,8 +231,7 @@ def attention_pallas(q_btnd: jax.Array, k_btkd: jax.Array, v_btkd: jax.Array, cf
         bound = None
     return block_sparse_attention(
         q_btnd, k_btkd, v_btkd, idx, valid, segment_ids_bt, block_size=bs, sizes=sizes,
-        max_blocks_per_tile=bound,
-        interpret=default_interpret() if interpret is None else interpret)
+        max_blocks_per_tile=bound, interpret=interpret)
 
 
 __all__ = ["BlockSizes", "attention_pallas", "block_sparse_attention", "default_interpret",
