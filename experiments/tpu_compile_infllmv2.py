@@ -168,8 +168,8 @@ Layout: MiniCPM4-8B attention, B = 1, T = {t}, 32 query heads, 2 kv heads (G = 1
 head_dim 128, bfloat16. sparse_config: kernel {cfg.kernel_size}/{cfg.kernel_stride},
 block {cfg.block_size}, window {cfg.window_size}, topk {cfg.topk}, init {cfg.init_blocks},
 dense_len {cfg.dense_len} (the released values). The compiled function is the whole public
-`infllmv2_attention(..., implementation="pallas", interpret=False)`: XLA selection + index
-tables + kernels; fwd+bwd is `jax.grad` of its float32 sum (adds the inverse map, dQ and dK/dV
+`infllmv2_attention(..., implementation="pallas", interpret=False)`: the stage-1 scoring
+kernel and XLA's top-k (selection), index tables, the attention kernel; fwd+bwd is `jax.grad` of its float32 sum (adds the inverse map, dQ and dK/dV
 kernels).
 
 ## Compiled programs (per device, from `compiled.memory_analysis()`)
