@@ -74,7 +74,8 @@ def describe(mesh: Mesh) -> str:
         f" ({np.prod(list(mesh.shape.values()))} devices, {jax.process_count()} processes)"
 
 
-def _leaf_name(path) -> str | None:
+def param_name(path) -> str | None:
+    """The mcpm parameter name on a tree path (its last string key), or None."""
     for entry in reversed(path):
         name = getattr(entry, "key", None) or getattr(entry, "name", None)
         if isinstance(name, str) and name != "value":
@@ -91,7 +92,7 @@ def state_shardings(state_shapes, cfg: ModelConfig, mesh: Mesh, rules: ShardingR
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def pick(path, leaf):
-        name = _leaf_name(path)
+        name = param_name(path)
         if name in specs and tuple(leaf.shape) == tuple(shapes[name]):
             return NamedSharding(mesh, specs[name])
         return replicated

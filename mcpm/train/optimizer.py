@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from mcpm.config import ModelConfig, OptimizerConfig, ScheduleConfig
+from mcpm.sharding import param_name
 from mcpm.train.schedule import wsd_schedule
 
 HIDDEN_MATRICES = ("q", "k", "v", "o", "gate", "up", "down")
@@ -19,12 +20,10 @@ EMBEDDINGS = ("embed",)
 
 
 def _leaf_name(path) -> str:
-    """The mcpm parameter name of a leaf: the last dict/attribute key on its path."""
-    for entry in reversed(path):
-        name = getattr(entry, "key", None) or getattr(entry, "name", None)
-        if isinstance(name, str) and name != "value":
-            return name
-    raise ValueError(f"no parameter name on tree path {jax.tree_util.keystr(path)}")
+    name = param_name(path)
+    if name is None:
+        raise ValueError(f"no parameter name on tree path {jax.tree_util.keystr(path)}")
+    return name
 
 
 def lr_multipliers(params, model_cfg: ModelConfig, cfg: OptimizerConfig):
