@@ -53,14 +53,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from _report import write_report  # experiments/ is on sys.path when run as a script
+from _report import machine_info, measure_peak, write_report  # experiments/ is on sys.path
 
 import jax
 import jax.numpy as jnp
@@ -77,29 +75,6 @@ SIZES = {"tiny": REPO / "configs" / "tiny.yaml", "0.5b": REPO / "configs" / "min
 # --------------------------------------------------------------------------------------------
 # machine and FLOP accounting
 # --------------------------------------------------------------------------------------------
-
-def machine_info() -> dict[str, str]:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        nproc = subprocess.run(["nproc"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        nproc = str(os.cpu_count())
-    try:
-        import flax
-        flax_version = flax.__version__
-    except AttributeError:
-        flax_version = "?"
-    return {"nproc": nproc, "cpu": cpu, "jax": jax.__version__, "flax": flax_version,
-            "backend": f"{jax.default_backend()} ({len(jax.devices())} device(s))",
-            "python": platform.python_version(), "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}
-
 
 def matmul_params(cfg: ModelConfig) -> int:
     H, N, K, D, I, V, L = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
@@ -124,22 +99,6 @@ def param_bytes(cfg: ModelConfig) -> int:
 
 def now() -> float:
     return time.perf_counter()
-
-
-def measure_peak(dtype, n: int, repeats: int) -> float:
-    """Best GFLOP/s of a jitted [n,n] @ [n,n] matmul (compile and first call excluded)."""
-    ka, kb = jax.random.split(jax.random.key(0))
-    a = jax.random.normal(ka, (n, n), jnp.float32).astype(dtype)
-    b = jax.random.normal(kb, (n, n), jnp.float32).astype(dtype)
-    f = jax.jit(jnp.matmul).lower(a, b).compile()
-    jax.block_until_ready(f(a, b))
-    jax.block_until_ready(f(a, b))
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = now()
-        jax.block_until_ready(f(a, b))
-        best = min(best, now() - t0)
-    return 2.0 * n ** 3 / best / 1e9
 
 
 @dataclasses.dataclass
