@@ -76,6 +76,15 @@ def test_stop_and_resume_gives_bitwise_identical_losses(tmp_path):
     assert json.loads((tmp_path / "a" / "summary.json").read_text())["step"] == 6
     # the same steps again: nothing to do
     assert train(straight, data=source(straight), progress=False)["note"] == "already at step 6"
+    # logging every 3 steps: loss_avg is the mean of the per-step losses of the interval
+    every3 = config(tmp_path / "c", "train.steps=6", "train.log_every=3")
+    train(every3, data=source(every3), progress=False)
+    rows3 = read_metrics(tmp_path / "c" / "metrics.jsonl")
+    per_step = losses(tmp_path / "a")
+    assert [r["step"] for r in rows3] == [3, 6]
+    assert [r["loss"] for r in rows3] == [per_step[2], per_step[5]]
+    np.testing.assert_allclose([r["loss_avg"] for r in rows3],
+                               [np.mean(per_step[:3]), np.mean(per_step[3:])], rtol=1e-6)
 
 
 def test_branch_decay_restores_the_stable_checkpoint_and_leaves_the_main_run(tmp_path):

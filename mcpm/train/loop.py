@@ -161,6 +161,7 @@ def train(cfg: Config, *, data=None, progress: bool = True) -> dict:
     pending = None           # (step, metrics) of the step before, fetched one step late
     in_a_row, last_log, last_log_step = 0, time.perf_counter(), start
     last_loss = None
+    interval_losses = []     # finite losses since the last log line: their mean is loss_avg
     step = start
     preempted = False
     try:
@@ -172,19 +173,24 @@ def train(cfg: Config, *, data=None, progress: bool = True) -> dict:
             step += 1
             if pending is not None:
                 in_a_row, last_loss = _check(pending, in_a_row, t.max_nonfinite_in_a_row)
+                interval_losses += [] if last_loss is None else [last_loss]
             pending = (step, metrics)
             if step % t.log_every == 0 or step == total:
                 in_a_row, last_loss = _check(pending, in_a_row, t.max_nonfinite_in_a_row)
+                interval_losses += [] if last_loss is None else [last_loss]
                 pending = None
                 now = time.perf_counter()
                 tokens = (step - last_log_step) * global_batch * seq_len
                 tok_s = tokens / max(now - last_log, 1e-9)
                 row = {k: v for k, v in jax.device_get(metrics).items() if k != "finite"}
-                row.update(tokens_per_s=tok_s,
+                # one batch's loss is noisy on a mixed corpus; the interval mean is the curve
+                row.update(loss_avg=(float(np.mean(interval_losses)) if interval_losses
+                                     else float("nan")),
+                           tokens_per_s=tok_s,
                            mfu=tok_s * flops_per_token / (peak * jax.device_count()),
                            **{f"data_{k}": v for k, v in source.stats().items()})
                 writer.write(step, row)
-                last_log, last_log_step = now, step
+                last_log, last_log_step, interval_losses = now, step, []
                 if bar is not None:
                     bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}",
                                     tok_s=f"{tok_s:.0f}")

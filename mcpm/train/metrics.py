@@ -62,7 +62,14 @@ def plot_metrics(path: str | Path, out_png: str | Path, title: str = "") -> Path
     steps = [r["step"] for r in rows]
     fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(7, 6), sharex=True,
                                          gridspec_kw={"height_ratios": [3, 1]})
-    ax_loss.plot(steps, [r["loss"] for r in rows], lw=1.2)
+    avg = [(r["step"], r["loss_avg"]) for r in rows if r.get("loss_avg") is not None]
+    if avg and any(a != r["loss"] for (_, a), r in zip(avg, rows)):
+        ax_loss.plot(steps, [r["loss"] for r in rows], lw=0.8, alpha=0.4,
+                     label="loss of the logged step")
+        ax_loss.plot(*zip(*avg), lw=1.6, color="tab:blue", label="mean since the previous log")
+        ax_loss.legend(fontsize=8)
+    else:
+        ax_loss.plot(steps, [r["loss"] for r in rows], lw=1.2)
     ax_loss.set_ylabel("train loss (nats/token)")
     ax_loss.set_yscale("log")
     ax_loss.grid(alpha=0.3, which="both")
