@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install bench bench-infllmv2 clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -19,14 +19,22 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(VENV)/bin/mcpm demo
 
-# pytest exits 5 when it collects no test; that is not a failure of the suite
+# pytest exits 5 when it collects no test; that is not a failure of the suite. The tests run in
+# TEST_WORKERS processes (pytest-xdist): most of their time is XLA compiles, one core each.
+TEST_WORKERS ?= 2
 test: $(VENV)/.installed
-	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(PY) -m pytest tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(PY) -m pytest -n $(TEST_WORKERS) tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 bench: export JAX_PLATFORMS ?= cpu
 bench: $(VENV)/.installed
 	$(PY) experiments/bench_forward.py
 	$(PY) experiments/bench_convert.py
+	$(PY) experiments/bench_train.py
+
+# about an hour on 2 cores (dense attention at 128K tokens is most of it)
+bench-infllmv2: export JAX_PLATFORMS ?= cpu
+bench-infllmv2: $(VENV)/.installed
+	$(PY) experiments/bench_infllmv2.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

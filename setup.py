@@ -36,8 +36,9 @@ setup(
     ],
     extras_require={
         # libtpu gives the TPU topology descriptions the Pallas kernels are AOT-compiled against in
-        # the tests (no TPU needed; run CPU work with JAX_PLATFORMS=cpu when it is installed)
-        "test": ["pytest>=8", "libtpu==0.0.52"],
+        # the tests (no TPU needed; run CPU work with JAX_PLATFORMS=cpu when it is installed);
+        # pytest-xdist runs the suite on every core (most of its time is single-threaded compiles)
+        "test": ["pytest>=8", "pytest-xdist>=3.5,<4", "libtpu==0.0.52"],
         "tpu": ["jax[tpu]>=0.10.2,<0.13"],
         "gpu": ["jax[cuda12]>=0.10.2,<0.13"],
     },

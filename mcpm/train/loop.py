@@ -192,7 +192,7 @@ def train(cfg: Config, *, data=None, progress: bool = True) -> dict:
                 writer.write(step, row)
                 last_log, last_log_step, interval_losses = now, step, []
                 if bar is not None:
-                    bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}",
+                    bar.set_postfix(loss=f"{row['loss_avg']:.3f}", lr=f"{row['lr']:.2e}",
                                     tok_s=f"{tok_s:.0f}")
             if bar is not None:
                 bar.update(1)
