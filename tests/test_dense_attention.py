@@ -4,26 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from attention_inputs import packed_segments, qkv
 
 from mcpm.model.attention import dense_attention
 from mcpm_kernels.dense_attention import dense_attention_xla
-
-
-def qkv(seed, b, t, n, kv, d, dtype=np.float32):
-    rng = np.random.default_rng(seed)
-    return tuple(jnp.asarray((rng.standard_normal(s) * sc).astype(dtype)) for s, sc in
-                 (((b, t, n, d), 2.0), ((b, t, kv, d), 1.0), ((b, t, kv, d), 1.0)))
-
-
-def packed_segments(b, t, seed):
-    """Rows of several documents, with trailing padding (segment 0) of different lengths."""
-    rng = np.random.default_rng(seed)
-    seg = np.zeros((b, t), np.int32)
-    for row in range(b):
-        length = t - int(rng.integers(1, t // 3))
-        cuts = np.sort(rng.choice(np.arange(1, length), size=2, replace=False))
-        seg[row, :length] = 1 + np.searchsorted(cuts, np.arange(length), side="right")
-    return jnp.asarray(seg)
 
 
 def plain(q, k, v, seg=None):
@@ -44,7 +28,7 @@ def plain(q, k, v, seg=None):
 @pytest.mark.parametrize("segments", [False, True])
 def test_forward_and_gradients_match_dense(t, n, kv, q_chunk, k_chunk, segments):
     q, k, v = qkv(t, 2, t, n, kv, 16)
-    seg = packed_segments(2, t, t) if segments and t > 8 else None
+    seg = packed_segments(2, t, t, min_padding=1) if segments and t > 8 else None
     f = lambda q, k, v: dense_attention_xla(q, k, v, seg, q_chunk=q_chunk, k_chunk=k_chunk)
     ref = plain(q, k, v, seg)
     np.testing.assert_allclose(np.asarray(f(q, k, v)), np.asarray(ref), rtol=1e-5, atol=2e-6)

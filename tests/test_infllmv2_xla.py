@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from attention_inputs import packed_segments, qkv
 
 import mcpm
 from mcpm.config import SparseConfig
@@ -14,23 +15,6 @@ from mcpm_kernels.infllmv2.xla import attention_xla
 
 SMALL = SparseConfig(kernel_size=4, kernel_stride=2, init_blocks=1, block_size=8, window_size=16,
                      topk=3, use_nope=False, dense_len=-1)
-
-
-def qkv(seed, b, t, n, kv, d, dtype=np.float32):
-    rng = np.random.default_rng(seed)
-    return tuple(jnp.asarray((rng.standard_normal(s) * sc).astype(dtype)) for s, sc in
-                 (((b, t, n, d), 2.0), ((b, t, kv, d), 1.0), ((b, t, kv, d), 1.0)))
-
-
-def packed_segments(b, t, seed):
-    """Rows of several documents each, with trailing padding (segment 0) of different lengths."""
-    rng = np.random.default_rng(seed)
-    seg = np.zeros((b, t), np.int32)
-    for row in range(b):
-        length = t - int(rng.integers(0, t // 3))
-        cuts = np.sort(rng.choice(np.arange(1, length), size=2, replace=False))
-        seg[row, :length] = 1 + np.searchsorted(cuts, np.arange(length), side="right")
-    return jnp.asarray(seg)
 
 
 @pytest.mark.parametrize("t,n,kv,cfg", [
