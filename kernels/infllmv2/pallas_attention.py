@@ -37,7 +37,8 @@ from mcpm_kernels.infllmv2 import pallas_attention_bwd as bwd
 from mcpm_kernels.infllmv2.pallas_tables import (MAX_TILE_TOKENS, NN_DIMS, NT_DIMS, BlockSizes,
                                                  Geometry, KernelPlan, block_copies, dot,
                                                  footprint, keys_to_blocks, queries_to_tiles,
-                                                 query_row_mask, segment_blocks, segment_rows,
+                                                 query_row_mask, query_tile_scratch, query_tile_specs,
+                                                 segment_blocks, segment_rows,
                                                  tile_block_loop, tile_rows, tiles_to_queries,
                                                  to_column, to_row, union_bound)
 from mcpm_kernels.infllmv2.reference import attention_reference
@@ -89,22 +90,11 @@ def _forward_kernel(*refs, geo: Geometry):
 def forward_plan(geo: Geometry, dtype) -> KernelPlan:
     """``call(rows, q, [qseg_rows], k_blocks, v_blocks, [kseg_blocks]) -> (o, lse)``."""
     r, d, bs, w = geo.rows, geo.d, geo.block_size, 2 + 2 * geo.union
-    tile_map = lambda b, h, t: (b, h, t, 0, 0)
-    q_spec = pl.BlockSpec((None, geo.tq, None, geo.g, d), lambda b, h, t: (b, t, h, 0, 0))
-    in_specs = [pl.BlockSpec((None, None, None, 1, w), tile_map, memory_space=pltpu.SMEM),
-                q_spec]
-    if geo.has_segments:
-        in_specs.append(pl.BlockSpec((None, None, 1, r), lambda b, h, t: (b, t, 0, 0)))
+    tile_map, q_spec, rows_spec, qseg_spec = query_tile_specs(geo)
+    in_specs = [rows_spec, q_spec] + ([qseg_spec] if qseg_spec is not None else [])
     in_specs += [pl.BlockSpec(memory_space=pl.ANY)] * (3 if geo.has_segments else 2)
     out_specs = [q_spec, pl.BlockSpec((None, None, None, 1, r), tile_map)]
-    scratch = [pltpu.VMEM((2, bs, d), dtype), pltpu.VMEM((2, bs, d), dtype)]
-    if geo.has_segments:
-        scratch.append(pltpu.VMEM((2, 1, bs), jnp.int32))
-    scratch += [pltpu.SemaphoreType.DMA((2,)), pltpu.VMEM((r, d), jnp.float32),
-                pltpu.VMEM((r, 1), jnp.float32), pltpu.VMEM((r, 1), jnp.float32)]
-    if geo.has_segments:
-        scratch.append(pltpu.VMEM((r, 1), jnp.float32))
-    scratch.append(pltpu.SMEM((1,), jnp.int32))
+    scratch = query_tile_scratch(geo, dtype)
     nt = geo.num_tiles
     call = pl.pallas_call(
         functools.partial(_forward_kernel, geo=geo),

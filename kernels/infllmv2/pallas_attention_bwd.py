@@ -24,7 +24,8 @@ from jax.experimental.pallas import tpu as pltpu
 
 from mcpm_kernels.infllmv2.pallas_tables import (NN_DIMS, NT_DIMS, Geometry, KernelPlan,
                                                  block_copies, dot, footprint, inverse_tables,
-                                                 per_row, query_row_mask, tile_block_loop,
+                                                 per_row, query_row_mask, query_tile_scratch,
+                                                 query_tile_specs, tile_block_loop,
                                                  to_column, token_selected, tokens_along)
 
 
@@ -65,23 +66,12 @@ def _dq_kernel(*refs, geo: Geometry):
 def dq_plan(geo: Geometry, dtype):
     """``call(rows, q, do, lse, delta, [qseg_rows], k_blocks, v_blocks, [kseg_blocks]) -> dq``."""
     r, d, bs, w = geo.rows, geo.d, geo.block_size, 2 + 2 * geo.union
-    tile_map = lambda b, h, t: (b, h, t, 0, 0)
-    q_spec = pl.BlockSpec((None, geo.tq, None, geo.g, d), lambda b, h, t: (b, t, h, 0, 0))
-    in_specs = [pl.BlockSpec((None, None, None, 1, w), tile_map, memory_space=pltpu.SMEM),
-                q_spec, q_spec,
-                pl.BlockSpec((None, None, None, 1, r), tile_map),
-                pl.BlockSpec((None, None, None, 1, r), tile_map)]
-    if geo.has_segments:
-        in_specs.append(pl.BlockSpec((None, None, 1, r), lambda b, h, t: (b, t, 0, 0)))
+    tile_map, q_spec, rows_spec, qseg_spec = query_tile_specs(geo)
+    row_spec = pl.BlockSpec((None, None, None, 1, r), tile_map)
+    in_specs = [rows_spec, q_spec, q_spec, row_spec, row_spec]
+    in_specs += [qseg_spec] if qseg_spec is not None else []
     in_specs += [pl.BlockSpec(memory_space=pl.ANY)] * (3 if geo.has_segments else 2)
-    scratch = [pltpu.VMEM((2, bs, d), dtype), pltpu.VMEM((2, bs, d), dtype)]
-    if geo.has_segments:
-        scratch.append(pltpu.VMEM((2, 1, bs), jnp.int32))
-    scratch += [pltpu.SemaphoreType.DMA((2,)), pltpu.VMEM((r, d), jnp.float32),
-                pltpu.VMEM((r, 1), jnp.float32), pltpu.VMEM((r, 1), jnp.float32)]
-    if geo.has_segments:
-        scratch.append(pltpu.VMEM((r, 1), jnp.float32))
-    scratch.append(pltpu.SMEM((1,), jnp.int32))
+    scratch = query_tile_scratch(geo, dtype)
     nt = geo.num_tiles
     call = pl.pallas_call(
         functools.partial(_dq_kernel, geo=geo),

@@ -314,6 +314,36 @@ def query_row_mask(geo: Geometry, tile, block, word, qseg_col=None, kseg_row=Non
     return mask
 
 
+def query_tile_specs(geo: Geometry):
+    """Specs shared by the kernels whose grid runs over query tiles (fwd and dQ):
+    ``(tile_map, q_spec, rows_spec, qseg_spec or None)`` for the per-tile tables, the
+    ``[tq, g, d]`` query-layout tiles, the SMEM block-row table and the query segments."""
+    tile_map = lambda b, h, t: (b, h, t, 0, 0)
+    q_spec = pl.BlockSpec((None, geo.tq, None, geo.g, geo.d), lambda b, h, t: (b, t, h, 0, 0))
+    rows_spec = pl.BlockSpec((None, None, None, 1, 2 + 2 * geo.union), tile_map,
+                             memory_space=pltpu.SMEM)
+    qseg_spec = (pl.BlockSpec((None, None, 1, geo.rows), lambda b, h, t: (b, t, 0, 0))
+                 if geo.has_segments else None)
+    return tile_map, q_spec, rows_spec, qseg_spec
+
+
+def query_tile_scratch(geo: Geometry, dtype) -> list:
+    """Scratch of a query tile looping over its key blocks (fwd and dQ), in kernel-argument
+    order: double-buffered K and V blocks (and key segments), their DMA semaphores, the float32
+    ``[rows, d]`` accumulator, two ``[rows, 1]`` row statistics (one more with segments), and
+    the SMEM slot counter."""
+    r, bs, d = geo.rows, geo.block_size, geo.d
+    scratch = [pltpu.VMEM((2, bs, d), dtype), pltpu.VMEM((2, bs, d), dtype)]
+    if geo.has_segments:
+        scratch.append(pltpu.VMEM((2, 1, bs), jnp.int32))
+    scratch += [pltpu.SemaphoreType.DMA((2,)), pltpu.VMEM((r, d), jnp.float32),
+                pltpu.VMEM((r, 1), jnp.float32), pltpu.VMEM((r, 1), jnp.float32)]
+    if geo.has_segments:
+        scratch.append(pltpu.VMEM((r, 1), jnp.float32))
+    scratch.append(pltpu.SMEM((1,), jnp.int32))
+    return scratch
+
+
 def block_copies(geo: Geometry, b, h, k_hbm, v_hbm, kseg_hbm, kbuf, vbuf, ksbuf, sem):
     """The async copies that bring key block ``block`` into buffer ``slot`` (fwd and dQ)."""
     def copies(block, slot):
