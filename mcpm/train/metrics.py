@@ -63,7 +63,8 @@ def plot_metrics(path: str | Path, out_png: str | Path, title: str = "") -> Path
     fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(7, 6), sharex=True,
                                          gridspec_kw={"height_ratios": [3, 1]})
     avg = [(r["step"], r["loss_avg"]) for r in rows if r.get("loss_avg") is not None]
-    if avg and any(a != r["loss"] for (_, a), r in zip(avg, rows)):
+    # log_every = 1: the mean is the step's loss, one line is enough
+    if any(r.get("loss_avg") not in (None, r["loss"]) for r in rows):
         ax_loss.plot(steps, [r["loss"] for r in rows], lw=0.8, alpha=0.4,
                      label="loss of the logged step")
         ax_loss.plot(*zip(*avg), lw=1.6, color="tab:blue", label="mean since the previous log")
