@@ -167,7 +167,7 @@ def select_block_lists_tiled(q_btnd: jax.Array, k_btkd: jax.Array, cfg, chunk: i
 
 
 # --------------------------------------------------------------------------------------------
-# Stage 2: window blocks as one dense tile per query block, the rest gathered per query
+# Stage 2: window blocks as one dense tile per query block, the chosen blocks block by block
 # --------------------------------------------------------------------------------------------
 
 def _window_tile(q_bkrd, k_pad, v_pad, seg_q, seg_pad, qb, bs, w, g):
@@ -248,6 +248,20 @@ def _gather_rows(x, bi, hi, rows):
     return x[bi, hi, rows]
 
 
+def _with_spare_rows(x, group):
+    """x ``[B, K, Tp, ...]`` with ``group`` zero rows appended (the targets of unfilled slots)."""
+    return jnp.pad(x, [(0, group) if ax == 2 else (0, 0) for ax in range(x.ndim)])
+
+
+def _group_operands(a, seg, bi, hi, r, blk):
+    """A group's key block, value block, its rows' segments and the block's segments."""
+    k_b = a["k_blk"][bi[..., 0], hi[..., 0], blk]                         # [B, K, bs, D]
+    v_b = a["v_blk"][bi[..., 0], hi[..., 0], blk]
+    seg_r = None if seg is None else a["seg_ext"][bi, r]
+    seg_b = None if seg is None else a["seg_blk"][bi[..., 0], blk]
+    return k_b, v_b, seg_r, seg_b
+
+
 def _sparse_forward(q, k, v, rows, blocks, seg, bs, w, causal):
     """q ``[B, K, Tp, G, D]`` (scaled), k/v ``[B, K, Tp, D]``, groups from :func:`_block_groups`;
     w = 0: no window part. Returns out ``[B, K, Tp, G, D]`` and lse ``[B, K, Tp, G]`` (+inf for
@@ -279,16 +293,12 @@ def _sparse_forward(q, k, v, rows, blocks, seg, bs, w, causal):
         acc = jnp.zeros((b, kv, tp, g, d), jnp.float32)
     # the groups continue each row's online softmax: gather its state, update, scatter it back
     # (a query appears at most once in a group, so the scatter never collides)
-    spare = lambda x: jnp.pad(x, [(0, group) if ax == 2 else (0, 0) for ax in range(x.ndim)])
-    state = (spare(mx), spare(sm), spare(acc))
+    state = tuple(_with_spare_rows(x, group) for x in (mx, sm, acc))
 
     def one_group(state, gi):
         r = rows[:, :, gi]                                                # [B, K, L]
         blk = blocks[:, :, gi]                                            # [B, K]
-        k_b = a["k_blk"][bi[..., 0], hi[..., 0], blk]                     # [B, K, bs, D]
-        v_b = a["v_blk"][bi[..., 0], hi[..., 0], blk]
-        seg_r = None if seg is None else a["seg_ext"][bi, r]
-        seg_b = None if seg is None else a["seg_blk"][bi[..., 0], blk]
+        k_b, v_b, seg_r, seg_b = _group_operands(a, seg, bi, hi, r, blk)
         s, mask = _group_tile(_gather_rows(a["q_ext"], bi, hi, r), k_b, seg_r, seg_b, r, blk, tp,
                               bs, causal)
         mx_r, sm_r, acc_r = (_gather_rows(x, bi, hi, r) for x in state)
@@ -316,17 +326,13 @@ def _sparse_backward(q, k, v, rows, blocks, seg, out, lse, dout, bs, w, causal):
     delta = jnp.einsum("bktgd,bktgd->bktg", dout, out)
     bi = jnp.arange(b)[:, None, None]
     hi = jnp.arange(kv)[None, :, None]
-    spare = lambda x: jnp.pad(x, [(0, group) if ax == 2 else (0, 0) for ax in range(x.ndim)])
-    do_ext, lse_ext, delta_ext = spare(dout), spare(lse), spare(delta)
+    do_ext, lse_ext, delta_ext = (_with_spare_rows(x, group) for x in (dout, lse, delta))
 
     def one_group(carry, gi):
         dq, dk_blk, dv_blk = carry
         r = rows[:, :, gi]
         blk = blocks[:, :, gi]
-        k_b = a["k_blk"][bi[..., 0], hi[..., 0], blk]
-        v_b = a["v_blk"][bi[..., 0], hi[..., 0], blk]
-        seg_r = None if seg is None else a["seg_ext"][bi, r]
-        seg_b = None if seg is None else a["seg_blk"][bi[..., 0], blk]
+        k_b, v_b, seg_r, seg_b = _group_operands(a, seg, bi, hi, r, blk)
         q_r = _gather_rows(a["q_ext"], bi, hi, r)                         # [B, K, L, G, D]
         do_r = _gather_rows(do_ext, bi, hi, r)
         s, mask = _group_tile(q_r, k_b, seg_r, seg_b, r, blk, tp, bs, causal)
