@@ -91,6 +91,7 @@ def main() -> None:
     sys.path.insert(0, str(ROOT / "experiments"))
     from _report import write_report
 
+    load_start = os.getloadavg()[0]
     rows = []
     for name, config, batch, seq in CASES:
         for devices, mesh in ((1, "1x1x1"), (8, "2x4x1")):
@@ -107,7 +108,8 @@ def main() -> None:
     load = os.getloadavg()[0]
     lines = ["# Train-step throughput and MFU on this CPU", "",
              f"{os.cpu_count()} CPU cores; float32; synthetic batches; {args.steps} timed steps "
-             f"after one compile step; load average at the end {load:.1f}. MFU is model FLOP/s "
+             f"after one compile step; load average {load_start:.1f} at the start, {load:.1f} at "
+             "the end (the 8-device workers' own threads count too). MFU is model FLOP/s "
              "over the float32 matmul peak measured in the same process (one device, all "
              "cores); 8 simulated devices share the same cores.", "",
              "| model | params | batch x seq | devices (data x fsdp x tensor) | step (s) | "
