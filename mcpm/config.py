@@ -22,7 +22,12 @@ from typing import Any, Literal, Optional, Sequence, Union
 import yaml
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """Base of the errors a user can fix (bad config, file, checkpoint, data): the CLI prints
+    the message and exits 2 instead of showing a traceback."""
+
+
+class ConfigError(UserError, ValueError):
     """A configuration value or key is invalid. The message names the key and suggests a fix."""
 
 
