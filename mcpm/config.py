@@ -9,6 +9,7 @@ This module imports nothing else from mcpm: every layer may read configs.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import json
@@ -662,6 +663,61 @@ def to_dict(cfg) -> dict:
 # YAML files and key=value overrides
 # --------------------------------------------------------------------------------------------
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last
+    one silently), naming the key's dotted path and both lines."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._paths: dict[int, str] = {}  # id(node) -> dotted path of the value it holds
+
+    def _child(self, node, part: str) -> str:
+        parent = self._paths.get(id(node), "")
+        return f"{parent}{part}" if part.startswith("[") or not parent else f"{parent}.{part}"
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, value_node in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # "<<: *defaults" merges are meant to be overridden
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                full = self._child(node, str(key))
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: the constructor reports it
+                    continue
+                if first is not None:
+                    lines = f" (lines {first} and {line})" if first != line else ""
+                    raise ConfigError(f"the key '{full}' is given twice{lines}; the later one "
+                                      "would silently win: keep one of them")
+                seen[key] = line
+                self._paths[id(value_node)] = full
+        return super().construct_mapping(node, deep=deep)
+
+    def construct_sequence(self, node, deep=False):
+        if isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self._paths[id(item)] = self._child(node, f"[{i}]")
+        return super().construct_sequence(node, deep=deep)
+
+
+def _yaml_load(text: str, prefix: str = ""):
+    """``yaml.safe_load`` that refuses duplicate keys; ``prefix`` is the dotted path of the
+    document (an override's key), so that errors name full paths."""
+    loader = _UniqueKeyLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if prefix:
+            loader._paths[id(node)] = prefix
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"model.hidden_size=256"`` -> (["model", "hidden_size"], 256); values are parsed as YAML."""
     if "=" not in text:
@@ -671,15 +727,19 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override '{text}' has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _yaml_load(raw, key) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"override '{text}': cannot parse the value: {e}") from None
+    except ConfigError as e:
+        raise ConfigError(f"override '{text}': {e}") from None
     return key.split("."), value
 
 
 def apply_overrides(data: dict, overrides: Sequence[str], cls=Config) -> dict:
-    """Set each dotted ``key=value`` in a nested dict, checking each path against ``cls``."""
-    data = json.loads(json.dumps(data))  # deep copy of plain data
+    """Set each dotted ``key=value`` in a nested dict, checking each path against ``cls``.
+
+    Errors name the override they come from."""
+    data = copy.deepcopy(data)
     for text in overrides:
         keys, value = parse_override(text)
         node, node_cls = data, cls
@@ -687,7 +747,8 @@ def apply_overrides(data: dict, overrides: Sequence[str], cls=Config) -> dict:
             full = ".".join(keys[:depth + 1])
             names = [f.name for f in dataclasses.fields(node_cls)] if node_cls else None
             if names is not None and key not in names:
-                raise ConfigError(f"unknown config key '{full}'" + _suggest(key, names))
+                raise ConfigError(f"override {text}: unknown config key '{full}'"
+                                  + _suggest(key, names))
             if depth == len(keys) - 1:
                 node[key] = value
                 break
@@ -695,7 +756,8 @@ def apply_overrides(data: dict, overrides: Sequence[str], cls=Config) -> dict:
             sub_cls = next((a for a in (typing.get_args(hint) or (hint,))
                             if dataclasses.is_dataclass(a)), None)
             if sub_cls is None:
-                raise ConfigError(f"'{full}' is a value, not a section: cannot set '{text.split('=')[0]}'")
+                raise ConfigError(f"override {text}: '{full}' is a value, not a section: cannot "
+                                  f"set '{text.split('=')[0]}'")
             if not isinstance(node.get(key), dict):
                 node[key] = {}
             node, node_cls = node[key], sub_cls
@@ -703,27 +765,53 @@ def apply_overrides(data: dict, overrides: Sequence[str], cls=Config) -> dict:
 
 
 def load_yaml(path: str | Path) -> dict:
+    """A YAML config file as a dict; a missing, unreadable or malformed file, a top level that
+    is not a mapping and a key given twice are :class:`ConfigError` naming the file."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist")
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory; give a YAML file such as "
+                          "configs/tiny.yaml")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _yaml_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a text file (invalid UTF-8 at byte {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read ({e.strerror or e})") from None
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
     return data
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), cls=Config):
-    """Load a YAML config (or the defaults), apply ``key=value`` overrides, validate."""
-    data = load_yaml(path) if path is not None else {}
-    data = apply_overrides(data, overrides, cls)
+    """Load a YAML config (or the defaults), apply ``key=value`` overrides, validate.
+
+    An error names its cause: the file (when the file alone has it) or the first override
+    after which it appears (``override model.hidden_size=abc: model.hidden_size: ...``).
+    """
+    base = load_yaml(path) if path is not None else {}
+    data = apply_overrides(base, overrides, cls)
     try:
         return from_dict(cls, data)
     except ConfigError as e:
-        where = f"{path}: " if path is not None else ""
-        raise ConfigError(f"{where}{e}") from None
+        error = str(e)
+    # Validate the file alone, then with one more override at a time, until the error appears:
+    # overrides are checked together (one may fix what an earlier one breaks), but the message
+    # names where the problem comes from.
+    for k in range(len(overrides) + 1):
+        try:
+            from_dict(cls, apply_overrides(base, overrides[:k], cls))
+        except ConfigError as e:
+            if str(e) == error:
+                break
+    if k == 0:
+        raise ConfigError(f"{path}: {error}" if path is not None else error) from None
+    raise ConfigError(f"override {overrides[k - 1]}: {error}") from None
 
 
 def save_yaml(cfg, path: str | Path) -> None:

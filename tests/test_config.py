@@ -153,6 +153,63 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_config(bad)
 
 
+def test_duplicate_keys_are_refused_with_path_and_lines(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("model:\n  hidden_size: 64\n  num_hidden_layers: 2\n  hidden_size: 128\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value) == (f"{path}: the key 'model.hidden_size' is given twice (lines 2 and "
+                            "4); the later one would silently win: keep one of them")
+    path.write_text("data:\n  sources:\n    - kind: files\n      paths: [a]\n"
+                    "      kind: builtin\nseed: 1\n")
+    with pytest.raises(ConfigError, match=r"dup\.yaml: the key 'data\.sources\[0\]\.kind' is "
+                                          r"given twice \(lines 3 and 5\)"):
+        load_config(path)
+    path.write_text("seed: 1\nseed: 1\n")  # even with the same value
+    with pytest.raises(ConfigError, match=r"'seed' is given twice \(lines 1 and 2\)"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"override 'model\.rope_scaling=\{a: 1, a: 2\}': the "
+                                          r"key 'model\.rope_scaling\.a' is given twice"):
+        load_config(None, ["model.rope_scaling={a: 1, a: 2}"])
+    # merge keys are meant to be overridden, and other files still load
+    path.write_text("generate: &g {top_k: 3, seed: 1}\nmodel: {}\n"
+                    "train: {schedule: {<<: {peak_lr: 0.1}, peak_lr: 0.2}}\n")
+    assert load_config(path).train.schedule.peak_lr == 0.2
+
+
+def test_errors_name_the_override_or_the_file_that_causes_them(tmp_path):
+    path = write_yaml(tmp_path, {"model": SMALL_MODEL})
+    with pytest.raises(ConfigError) as e:
+        load_config(path, ["seed=3", "model.hidden_size=abc"])
+    assert str(e.value) == ("override model.hidden_size=abc: model.hidden_size: expected an "
+                            "integer, got 'abc'")
+    with pytest.raises(ConfigError) as e:
+        load_config(path, ["model.num_attention_heads=3"])
+    assert str(e.value).startswith("override model.num_attention_heads=3: model.hidden_size "
+                                   "(64) must be divisible")
+    with pytest.raises(ConfigError, match=r"^override model\.hiden_size=3: unknown config key "
+                                          r"'model\.hiden_size'; did you mean 'hidden_size'"):
+        load_config(path, ["model.hiden_size=3"])
+    bad = write_yaml(tmp_path, {"model": {**SMALL_MODEL, "hidden_size": "abc"}})
+    with pytest.raises(ConfigError) as e:
+        load_config(bad, ["model.num_hidden_layers=3"])
+    assert str(e.value) == f"{bad}: model.hidden_size: expected an integer, got 'abc'"
+    # overrides are checked together: one may fix what the file or an earlier one breaks
+    odd = write_yaml(tmp_path, {"model": {**SMALL_MODEL, "num_attention_heads": 3}})
+    cfg = load_config(odd, ["model.num_attention_heads=8", "model.num_key_value_heads=4"])
+    assert cfg.model.num_key_value_heads == 4
+    # YAML types json cannot copy (dates) are reported, not a TypeError
+    dated = tmp_path / "dated.yaml"
+    dated.write_text("seed: 2024-01-01\n")
+    with pytest.raises(ConfigError, match=r"dated\.yaml: seed: expected an integer"):
+        load_config(dated, ["model.hidden_size=128"])
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(tmp_path)
+    (tmp_path / "latin1.yaml").write_bytes(b"seed: 1 # caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"latin1\.yaml: not a text file"):
+        load_config(tmp_path / "latin1.yaml")
+
+
 # ------------------------------------------------------------------------------------------
 # validation
 # ------------------------------------------------------------------------------------------
