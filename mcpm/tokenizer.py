@@ -5,12 +5,19 @@ Trained models use MiniCPM's special-token ids: <unk> 0, <s> (bos) 1, </s> (eos)
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import sentencepiece as spm
 
+from mcpm.config import UserError
+
 TOKENIZER_FILE = "tokenizer.model"
+
+
+class TokenizerError(UserError, ValueError):
+    """A file is not a SentencePiece model, or a tokenizer cannot be trained on the text given."""
 
 
 class Tokenizer:
@@ -28,7 +35,9 @@ class Tokenizer:
         try:
             self.sp = spm.SentencePieceProcessor(model_file=str(path))
         except (OSError, RuntimeError) as e:
-            raise ValueError(f"{path}: not a SentencePiece model ({e})") from None
+            raise TokenizerError(f"{path}: not a SentencePiece model ({_sp_message(e)}); "
+                                 "give a tokenizer.model file (or its directory) made by "
+                                 "SentencePiece, e.g. with `mcpm tokenizer train`") from None
         self.bos_id = self.sp.bos_id() if bos_id is None else bos_id
         self.eos_ids = tuple([self.sp.eos_id()] if eos_ids is None else eos_ids)
 
@@ -59,7 +68,8 @@ def train_tokenizer(text_files: Sequence[str | Path], out_dir: str | Path, vocab
     files = [Path(f) for f in text_files]
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
-        raise FileNotFoundError(f"tokenizer training text not found: {missing}")
+        raise FileNotFoundError(f"tokenizer training text not found (or not a file): {missing}")
+    count = [0]
 
     def sentences():
         if seed_text is not None:
@@ -69,13 +79,33 @@ def train_tokenizer(text_files: Sequence[str | Path], out_dir: str | Path, vocab
                 for line in fh:
                     line = line.rstrip("\n")
                     if line.strip():
+                        count[0] += 1
                         yield line
 
+    where = _short([str(f) for f in files])
+    model = io.BytesIO()
+    # trained in memory first: a failed run leaves no output directory behind
+    try:
+        _train(sentences(), model, vocab_size, model_type, max_sentences, character_coverage)
+    except RuntimeError as e:
+        if not count[0] and seed_text is None:
+            raise TokenizerError(f"no training text in {where}: the file(s) are empty or blank; "
+                                 "give text files with --input") from None
+        raise TokenizerError(f"cannot train a {vocab_size}-piece tokenizer on {where}: "
+                             f"{_sp_message(e).rstrip('.')}; choose another vocabulary size "
+                             "(--vocab-size)") from None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = io.BytesIO()
+    path = out_dir / TOKENIZER_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(model.getvalue())
+    tmp.replace(path)
+    return path
+
+
+def _train(sentences, model, vocab_size, model_type, max_sentences, character_coverage):
     spm.SentencePieceTrainer.train(
-        sentence_iterator=sentences(), model_writer=model, vocab_size=vocab_size,
+        sentence_iterator=sentences, model_writer=model, vocab_size=vocab_size,
         model_type=model_type, character_coverage=character_coverage,
         input_sentence_size=max_sentences, shuffle_input_sentence=True,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True,
@@ -83,8 +113,15 @@ def train_tokenizer(text_files: Sequence[str | Path], out_dir: str | Path, vocab
         # keep text exactly (code needs its whitespace), as Llama-style tokenizers do
         normalization_rule_name="identity", remove_extra_whitespaces=False,
         allow_whitespace_only_pieces=True)
-    path = out_dir / TOKENIZER_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(model.getvalue())
-    tmp.replace(path)
-    return path
+
+
+def _sp_message(e: Exception) -> str:
+    """SentencePiece's own message without its source location (``INTERNAL: x.cc(12) [...] ``)."""
+    text = str(e).strip()
+    text = re.sub(r"^(?:[A-Z_]+: )?(?:\S+\.cc\(\d+\) )?(?:\[.*?\] )?", "", text) or text
+    # its advice names trainer options that `mcpm tokenizer train` does not have
+    return re.sub(r"\s*Increase vocab_size or decrease character_coverage.*$", "", text)
+
+
+def _short(names: list[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")

@@ -217,6 +217,8 @@ def test_bad_data_is_counted_and_never_stops_the_run(tok_path, tmp_path, monkeyp
     log = caplog.text
     assert "lines.jsonl:2: not valid JSON" in log and "lines.jsonl:3:" in log
     assert "lines.jsonl:4:" in log and "broken.parquet" in log and "locked.txt" in log
+    assert re.search(r"latin1\.txt holds invalid UTF-8 .*replaced with U\+FFFD.*"
+                     r"data_invalid_utf8_documents", log)
     # the huge document is all there: its pieces' trained transitions are all of its tokens
     assert s["target_tokens"] == s["tokens"] - s["segments"]
     # infinite: the run goes on through epochs; each epoch meets the bad data again
@@ -226,12 +228,66 @@ def test_bad_data_is_counted_and_never_stops_the_run(tok_path, tmp_path, monkeyp
     assert s2["documents"] >= 2 * s["documents"] and s2["bad_records"] >= 2 * s["bad_records"]
 
 
-def test_invalid_utf8_inside_jsonl_is_replaced(tok_path, tmp_path):
-    (tmp_path / "x.jsonl").write_bytes(b'{"text": "<doc 3> caf\xe9"}\n')
+def test_invalid_utf8_inside_jsonl_is_replaced(tok_path, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(sources_mod, "_warned", set())
+    caplog.set_level(logging.WARNING, logger="mcpm.data")
+    (tmp_path / "x.jsonl").write_bytes(b'{"text": "<doc 3> caf\xe9"}\n'
+                                       b'{"text": "<doc 4> na\xefve"}\n')
     it = make_iterator(cfg_for(tok_path, str(tmp_path / "x.jsonl")), num_epochs=1)
     batch = next(it)
-    assert it.stats()["invalid_utf8_documents"] == 1
+    assert it.stats()["invalid_utf8_documents"] == 2
     assert "\ufffd" in Tokenizer(tok_path).decode(batch["inputs"][0])
+    # warned once for the file, naming it and the first line
+    warned = [r.getMessage() for r in caplog.records if "invalid UTF-8" in r.getMessage()]
+    assert len(warned) == 1 and "x.jsonl:1 holds invalid UTF-8" in warned[0]
+
+
+def test_invalid_utf8_is_warned_once_per_file_for_every_format(tok_path, tmp_path, monkeypatch,
+                                                                caplog):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from array_record.python import array_record_module as ar
+
+    monkeypatch.setattr(sources_mod, "_warned", set())
+    caplog.set_level(logging.WARNING, logger="mcpm.data")
+    (tmp_path / "p.txt").write_bytes(b"<doc 0> caf\xe9\n\n<doc 1> na\xefve\n")
+    pq.write_table(pa.table({"text": [b"<doc 2> \xff", b"<doc 3> \xfe"]}), tmp_path / "b.parquet")
+    w = ar.ArrayRecordWriter(str(tmp_path / "r.array_record"), "group_size:1")
+    for t in (b"<doc 4> \xe9", b"<doc 5> \xe9"):
+        w.write(t)
+    w.close()
+    for name, kw in [("p.txt", {"txt_document": "paragraph"}), ("b.parquet", {}),
+                     ("r.array_record", {})]:
+        src = DataSourceConfig(kind="files", paths=(str(tmp_path / name),), **kw)
+        it = make_iterator(cfg_for(tok_path, src), num_epochs=1)
+        list(it)
+        assert it.stats()["invalid_utf8_documents"] == 2, name
+        warned = [r.getMessage() for r in caplog.records if "invalid UTF-8" in r.getMessage()
+                  and name in r.getMessage()]
+        assert len(warned) == 1, (name, warned)
+
+
+def test_data_errors_are_user_errors_that_say_why(tok_path, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mcpm.config import UserError
+    from mcpm.tokenizer import TokenizerError
+
+    pq.write_table(pa.table({"body": ["<doc 0> alpha"]}), tmp_path / "t.parquet")
+    with pytest.raises(DataSourceError) as e:
+        make_iterator(cfg_for(tok_path, str(tmp_path / "t.parquet")))
+    assert isinstance(e.value, UserError)
+    assert re.search(r"no documents in 1 file\(s\) \(1 unreadable\).*the first problem: cannot "
+                     r"read .*t\.parquet as parquet \(no column 'text'; its columns are "
+                     r"\['body'\]: set text_key\)", str(e.value))
+    (tmp_path / "a.txt").write_text("<doc 0> alpha")
+    (tmp_path / "fake.model").write_text("not a tokenizer")
+    cfg = cfg_for(tok_path, str(tmp_path / "a.txt"))
+    with pytest.raises(TokenizerError, match=r"^data\.tokenizer: .*fake\.model: not a "
+                                             r"SentencePiece model") as e:
+        make_iterator(cfg.__class__(**{**cfg.__dict__, "tokenizer": str(tmp_path / "fake.model")}))
+    assert isinstance(e.value, UserError)
 
 
 def test_a_source_with_nothing_to_read_fails_at_the_start_naming_it(tok_path, tmp_path):

@@ -40,6 +40,28 @@ def test_tokenizer_errors(tmp_path):
         train_tokenizer([tmp_path / "missing.txt"], tmp_path / "o")
 
 
+def test_tokenizer_user_errors_say_what_to_do_and_write_nothing(tmp_path):
+    from mcpm.config import UserError
+    from mcpm.tokenizer import TokenizerError
+
+    (tmp_path / "bad.model").write_bytes(b"not a model")
+    with pytest.raises(TokenizerError, match=r"bad\.model: not a SentencePiece model \(could "
+                                             r"not parse .*\); give a tokenizer\.model") as e:
+        Tokenizer(tmp_path / "bad.model")
+    assert isinstance(e.value, UserError)
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    with pytest.raises(TokenizerError, match=r"no training text in .*empty\.txt, .*blank\.txt: "
+                                             r"the file\(s\) are empty or blank"):
+        train_tokenizer([tmp_path / "empty.txt", tmp_path / "blank.txt"], tmp_path / "o" / "p")
+    (tmp_path / "small.txt").write_text("hello world\nfoo bar\n")
+    with pytest.raises(TokenizerError, match=r"cannot train a 4096-piece tokenizer on .*small\.txt: "
+                                             r"Vocabulary size too high \(4096\)\. Please set it "
+                                             r"to a value <= \d+; choose another vocabulary size"):
+        train_tokenizer([tmp_path / "small.txt"], tmp_path / "o" / "p", vocab_size=4096)
+    assert not (tmp_path / "o").exists()  # a failed training leaves no output directory
+
+
 def test_init_convert_generate_cli(tok_dir, tmp_path, capsys):
     overrides = ["model.vocab_size=512", "model.num_hidden_layers=2", "model.hidden_size=64",
                  "model.intermediate_size=96"]

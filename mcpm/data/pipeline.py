@@ -86,7 +86,8 @@ def _probe(ds: grain.MapDataset, label: str, where: str) -> None:
             return
     if n == len(ds):
         raise DataSourceError(f"data source {label}: all {n} of its documents{where} are empty "
-                              "or unreadable (see the warnings above)")
+                              "or unreadable (the warnings above name unreadable files and "
+                              "records); check its files")
     log.warning("data source %s: its first %d documents%s are empty or unreadable", label, n,
                 where)
 
@@ -119,8 +120,11 @@ def make_dataset(cfg: DataConfig, *, process_index: int = 0, process_count: int 
                          f"of processes ({process_count}): each process packs batch_size / "
                          "processes rows")
     tokenizer = resolve_tokenizer(cfg)
-    from mcpm.tokenizer import Tokenizer
-    tok = Tokenizer(tokenizer)  # fails now on a bad model file
+    from mcpm.tokenizer import Tokenizer, TokenizerError
+    try:
+        tok = Tokenizer(tokenizer)  # fails now on a bad model file
+    except TokenizerError as e:
+        raise TokenizerError(f"data.tokenizer: {e}") from None
     labels = [s.display_name() for s in cfg.sources]
     where = f" on process {process_index} of {process_count}" if process_count > 1 else ""
     per_source, initial = [], dict.fromkeys(stat_keys(labels), 0)

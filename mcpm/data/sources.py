@@ -5,8 +5,10 @@ parquet and paragraph-split txt, scanned for record boundaries), so shuffling, h
 checkpoints work on document indices. ``source[i]`` returns ``(payload, event)``: the document's
 text (``str`` or undecoded ``bytes``) and ``None``, or ``(None, event)`` for a document that
 could not be read, where ``event`` names the metrics counter (:data:`BAD_RECORDS`,
-:data:`UNREADABLE_FILES`). Nothing here raises for bad data once a source is open; each problem
-is logged once per process with the file (and line or row) it concerns.
+:data:`UNREADABLE_FILES`). Bytes that are not valid UTF-8 are replaced with U+FFFD and the
+document is returned with the event :data:`INVALID_UTF8`. Nothing here raises for bad data once a
+source is open; each problem is logged once per process with the file (and line or row) it
+concerns (invalid UTF-8: once per file).
 
 Files that cannot be opened or parsed when the source is indexed are skipped and counted in
 ``source.unreadable_files``; a source left with no documents at all raises
@@ -29,6 +31,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from mcpm.config import UserError
+
 log = logging.getLogger("mcpm.data")
 
 # event names = metrics counters
@@ -39,7 +43,7 @@ INVALID_UTF8 = "invalid_utf8_documents"
 RawDoc = tuple[Any, "str | None"]
 
 
-class DataSourceError(ValueError):
+class DataSourceError(UserError, ValueError):
     """A source cannot produce any document (no files, nothing readable, no such dataset)."""
 
 
@@ -56,11 +60,31 @@ def warn_once(key, message: str) -> None:
     log.warning("%s", message)
 
 
+def decode_text(data: bytes, label: str, where: str, key=None) -> RawDoc:
+    """``(text, None)``, or for invalid UTF-8 the text with U+FFFD replacements and
+    :data:`INVALID_UTF8`, warned about once per ``key`` (default: ``where``, the file)."""
+    try:
+        return data.decode("utf-8"), None
+    except UnicodeDecodeError as e:
+        warn_once(("utf8", key if key is not None else where),
+                  f"data source {label}: {where} holds invalid UTF-8 (first: byte "
+                  f"{data[e.start:e.start + 1]!r} at offset {e.start} of a document); bad bytes "
+                  "are replaced with U+FFFD and such documents are counted in "
+                  f"data_{INVALID_UTF8}")
+        return data.decode("utf-8", errors="replace"), INVALID_UTF8
+
+
 class DocumentSource:
     """Base: ``len(source)`` documents; ``source[i]`` -> ``(payload, event)``."""
 
     label: str = "source"
     unreadable_files: int = 0  # files skipped when indexing
+    first_problem: str = ""    # why the first skipped file was skipped (for error messages)
+
+    def _skip_file(self, key, message: str) -> None:
+        warn_once(key, message)
+        self.unreadable_files += 1
+        self.first_problem = self.first_problem or message
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -125,7 +149,7 @@ class TxtFileSource(DocumentSource):
     def __getitem__(self, index):
         path = self.files[index]
         try:
-            return _read_bytes(path), None
+            return decode_text(_read_bytes(path), self.label, path)
         except OSError as e:
             warn_once(("read", path), f"data source {self.label}: cannot read {path} ({e}); "
                       "skipping it")
@@ -147,9 +171,8 @@ class _IndexedFiles(DocumentSource):
             try:
                 s, n, ln = self._scan(path)
             except (OSError, ValueError) as e:
-                warn_once(("index", path), f"data source {label}: cannot read {path} ({e}); "
-                          "skipping the file")
-                self.unreadable_files += 1
+                self._skip_file(("index", path), f"data source {label}: cannot read {path} "
+                                f"({e}); skipping the file")
                 continue
             self.files.append(path)
             starts.append(s)
@@ -199,8 +222,8 @@ class TxtParagraphSource(_IndexedFiles):
                 np.zeros(n, np.int64))
 
     def __getitem__(self, index):
-        data, _, _ = self._read(index)
-        return (data, None) if data is not None else (None, UNREADABLE_FILES)
+        data, path, _ = self._read(index)
+        return decode_text(data, self.label, path) if data is not None else (None, UNREADABLE_FILES)
 
 
 class JsonlSource(_IndexedFiles):
@@ -242,12 +265,7 @@ class JsonlSource(_IndexedFiles):
         data, path, line = self._read(index)
         if data is None:
             return None, UNREADABLE_FILES
-        event = None
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError:
-            text = data.decode("utf-8", errors="replace")
-            event = INVALID_UTF8
+        text, event = decode_text(data, self.label, f"{path}:{line}", key=path)
         if not text.strip():
             return "", None
         try:
@@ -286,11 +304,11 @@ class ParquetSource(DocumentSource):
                 meta = pq.ParquetFile(path).metadata
                 names = meta.schema.names
                 if text_key not in names:
-                    raise ValueError(f"no column {text_key!r}; columns: {names}")
+                    raise ValueError(f"no column {text_key!r}; its columns are {names}: set "
+                                     "text_key")
             except Exception as e:  # noqa: BLE001 - pyarrow raises many kinds for corrupt files
-                warn_once(("index", path), f"data source {label}: cannot read {path} as parquet "
-                          f"({e}); skipping the file")
-                self.unreadable_files += 1
+                self._skip_file(("index", path), f"data source {label}: cannot read {path} as "
+                                f"parquet ({e}); skipping the file")
                 continue
             self.files.append(path)
             for g in range(meta.num_row_groups):
@@ -352,6 +370,8 @@ class ParquetSource(DocumentSource):
                       f"{self.files[f]} row {index - self.starts[g]} of row group {rg}: "
                       f"{self.text_key!r} is {type(value).__name__}; skipping the row")
             return None, BAD_RECORDS
+        if isinstance(value, bytes):
+            return decode_text(value, self.label, self.files[self.groups[g][0]])
         return value, None
 
 
@@ -377,9 +397,8 @@ class ArrayRecordSource(DocumentSource):
             except Exception as e:  # noqa: BLE001
                 reason = str(e) or type(e).__name__
             if reason is not None:
-                warn_once(("index", path), f"data source {label}: cannot read {path} ({reason}); "
-                          "skipping the file")
-                self.unreadable_files += 1
+                self._skip_file(("index", path), f"data source {label}: cannot read {path} "
+                                f"({reason}); skipping the file")
                 continue
             if n:
                 self.files.append(path)
@@ -412,11 +431,12 @@ class ArrayRecordSource(DocumentSource):
                 if reader is None:
                     reader = self._readers[f] = ar.ArrayRecordReader(
                         path, "readahead_buffer_size:0")
-            return reader.read([index - self.starts[f]])[0], None
+            data = reader.read([index - self.starts[f]])[0]
         except Exception as e:  # noqa: BLE001
             warn_once(("read", path), f"data source {self.label}: cannot read record "
                       f"{index - self.starts[f]} of {path} ({e}); skipping it")
             return None, BAD_RECORDS
+        return decode_text(data, self.label, path)
 
 
 class ConcatSource(DocumentSource):
@@ -425,6 +445,7 @@ class ConcatSource(DocumentSource):
     def __init__(self, parts: Sequence[DocumentSource], label: str):
         self.label, self.parts = label, list(parts)
         self.unreadable_files = sum(p.unreadable_files for p in parts)
+        self.first_problem = next((p.first_problem for p in parts if p.first_problem), "")
         self.starts = np.cumsum([0] + [len(p) for p in parts]).tolist()
 
     def __len__(self):
@@ -465,10 +486,12 @@ def open_files_source(patterns: Sequence[str], label: str, *, fmt: str = "auto",
     src = parts[0] if len(parts) == 1 else ConcatSource(parts, label)
     src.label = label
     if not len(src):
+        why = src.first_problem.removeprefix(f"data source {label}: ")
         raise DataSourceError(
             f"data source {label}: no documents in {len(files)} file(s)"
             + (f" ({src.unreadable_files} unreadable)" if src.unreadable_files else "")
-            + f": {files[:5]}{' ...' if len(files) > 5 else ''}")
+            + f": {files[:5]}{' ...' if len(files) > 5 else ''}"
+            + (f"; the first problem: {why}" if why else ""))
     return src
 
 
@@ -529,6 +552,8 @@ class TfdsSource(DocumentSource):
                       f"{self.text_key!r} is {type(value).__name__}, not text; skipping such "
                       "examples")
             return None, BAD_RECORDS
+        if isinstance(value, bytes):
+            return decode_text(value, self.label, f"example {index}", key=self.label)
         return value, None
 
 
