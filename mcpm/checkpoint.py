@@ -16,7 +16,8 @@ import numpy as np
 import yaml
 
 from mcpm.config import ConfigError, ModelConfig, from_dict, to_dict
-from mcpm.hf import CheckpointError, atomic_output_dir, check_params, copy_aux_files
+from mcpm.hf import (CheckpointError, atomic_output_dir, check_params, copy_aux_files,
+                     count_nonfinite, warn_nonfinite)
 
 MODEL_YAML = "model.yaml"
 HF_TEMPLATE = "hf_config.json"
@@ -73,6 +74,8 @@ def load_model_config(path: str | Path, **run_options) -> ModelConfig:
     path = Path(path) / MODEL_YAML
     try:
         data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{path}: expected a mapping of model config keys")
         data.update(run_options)
         return from_dict(ModelConfig, data, "model")
     except (OSError, yaml.YAMLError) as e:
@@ -91,11 +94,17 @@ def load_checkpoint(path: str | Path, **run_options
     cfg = load_model_config(path, **run_options)
     template = None
     if (path / HF_TEMPLATE).is_file():
-        template = json.loads((path / HF_TEMPLATE).read_text())
+        try:
+            template = json.loads((path / HF_TEMPLATE).read_text())
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{path / HF_TEMPLATE}: cannot read it ({e})") from None
     try:
         params = _checkpointer().restore((path / PARAMS_DIR).absolute())
     except Exception as e:  # orbax raises many types for damaged trees
         raise CheckpointError(f"{path / PARAMS_DIR}: cannot restore parameters ({e})") from None
     params = {k: np.asarray(v) for k, v in params.items()}
     check_params(params, cfg, source=str(path / PARAMS_DIR))
+    nonfinite = [(k, n, v.size) for k, v in sorted(params.items()) if (n := count_nonfinite(v))]
+    if nonfinite:
+        warn_nonfinite(str(path / PARAMS_DIR), nonfinite)
     return cfg, template, params

@@ -15,6 +15,7 @@ import shutil
 import struct
 import sys
 import tempfile
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -22,7 +23,7 @@ from typing import Callable, Iterator
 import ml_dtypes
 import numpy as np
 
-from mcpm.config import ModelConfig, model_config_from_hf, model_config_to_hf
+from mcpm.config import ModelConfig, UserError, model_config_from_hf, model_config_to_hf
 from mcpm.model.minicpm4 import param_shapes
 
 SAFETENSORS_DTYPES = {
@@ -36,8 +37,12 @@ AUX_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
              "special_tokens_map.json", "added_tokens.json", "generation_config.json")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint is missing, malformed, or does not match its config."""
+
+
+class SizeError(UserError, ValueError):
+    """A size such as ``--max-shard-size`` that is not a positive number of bytes."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -115,9 +120,19 @@ def is_hf_dir(path: str | Path) -> bool:
 
 
 def read_hf_config(hf_dir: str | Path) -> dict:
-    path = Path(hf_dir) / "config.json"
+    hf_dir = Path(hf_dir)
+    if not hf_dir.exists():
+        raise CheckpointError(f"{hf_dir} does not exist; give the directory of a Hugging Face "
+                              "model (config.json + model.safetensors)")
+    if not hf_dir.is_dir():
+        raise CheckpointError(f"{hf_dir} is a file, not a directory; give the directory of a "
+                              "Hugging Face model (config.json + model.safetensors)")
+    path = hf_dir / "config.json"
     if not path.is_file():
-        raise CheckpointError(f"{hf_dir}: no config.json; is this a Hugging Face model directory?")
+        hint = ("; it is an mcpm checkpoint: `mcpm convert to-hf` exports it"
+                if (hf_dir / "model.yaml").is_file() else
+                "; is this a Hugging Face model directory?")
+        raise CheckpointError(f"{hf_dir}: no config.json{hint}")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -247,6 +262,7 @@ def read_hf_checkpoint(hf_dir: str | Path, dtype=None, progress: bool = False,
             + (f"; unexpected tensors: {_short(extra)}" if extra else "") + hint)
 
     params: dict[str, np.ndarray] = {}
+    nonfinite: dict[Path, list[tuple[str, int, int]]] = {}
     shapes = param_shapes(cfg)
     names = sorted(layout, key=_natural_key) + (["lm_head.weight"] if tied_head else [])
     it = iter_hf_tensors(hf_dir, names)
@@ -270,6 +286,9 @@ def read_hf_checkpoint(hf_dir: str | Path, dtype=None, progress: bool = False,
         if tensor.dtype not in _DTYPE_CODES:
             raise CheckpointError(f"{files[hf_name]}: tensor {hf_name} has dtype {tensor.dtype}; "
                                   "expected a float type")
+        bad = count_nonfinite(tensor)
+        if bad:
+            nonfinite.setdefault(files[hf_name], []).append((hf_name, bad, tensor.size))
         out_dtype = np.dtype(dtype) if dtype is not None else tensor.dtype
         value = _to_mcpm(tensor, kind, shapes[name][1:] if layer is not None else shapes[name])
         if layer is None:
@@ -279,7 +298,36 @@ def read_hf_checkpoint(hf_dir: str | Path, dtype=None, progress: bool = False,
                 params[name] = np.empty(shapes[name], out_dtype)
             params[name][layer] = value
         del tensor, value
+    for path, found in nonfinite.items():
+        warn_nonfinite(str(path), found)
     return cfg, hf_config, params
+
+
+def count_nonfinite(a: np.ndarray, chunk: int = 1 << 22) -> int:
+    """The number of NaN and Inf values in ``a``, without a full-size temporary: a finite sum
+    proves there are none (NaN and Inf propagate); only otherwise are they counted, by chunks."""
+    if a.dtype not in _FLOAT_DTYPES or a.size == 0:
+        return 0
+    flat = a.reshape(-1)
+    acc = np.float64 if a.dtype == np.float64 else np.float32
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(np.add.reduce(flat, dtype=acc)):
+            return 0
+    return sum(int(part.size - np.count_nonzero(np.isfinite(part)))
+               for part in (flat[i:i + chunk] for i in range(0, flat.size, chunk)))
+
+
+_FLOAT_DTYPES = {np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64),
+                 np.dtype(ml_dtypes.bfloat16)}
+
+
+def warn_nonfinite(source: str, found: list[tuple[str, int, int]]) -> None:
+    """Warn that the tensors ``(name, non-finite count, size)`` of ``source`` hold NaN or Inf."""
+    listed = ", ".join(f"{name} ({bad} of {size})" for name, bad, size in found[:8])
+    more = f" and {len(found) - 8} more" if len(found) > 8 else ""
+    warnings.warn(f"{source}: {len(found)} tensor(s) hold NaN or Inf values: {listed}{more}; "
+                  "they are kept as they are, but a model with them produces NaN: check where "
+                  "these weights come from", UserWarning, stacklevel=3)
 
 
 def _natural_key(name: str):
@@ -334,15 +382,30 @@ def hf_tensor_plan(params: dict[str, np.ndarray], cfg: ModelConfig):
     return plan
 
 
-def parse_size(text: str | int) -> int:
-    if isinstance(text, int):
-        return text
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-    t = text.strip().upper()
-    for unit, mult in sorted(units.items(), key=lambda kv: -len(kv[0])):
-        if t.endswith(unit):
-            return int(float(t[: -len(unit)]) * mult)
-    return int(t)
+_SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10,
+               "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str | int, what: str = "size") -> int:
+    """Bytes in ``"5GB"``, ``"500MB"``, ``"1.5GiB"``, ``"4096"``; anything else is a
+    :class:`SizeError` naming ``what``."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        t = str(text).strip().upper()
+        number, mult = t, 1
+        for unit, m in sorted(_SIZE_UNITS.items(), key=lambda kv: -len(kv[0])):
+            if t.endswith(unit):
+                number, mult = t[: -len(unit)].strip(), m
+                break
+        try:
+            value = int(float(number) * mult)
+        except (ValueError, OverflowError):
+            raise SizeError(f"{what} {text!r} is not a size: write a number with an optional "
+                            "unit, e.g. 5GB, 500MB, 2GiB or 1000000 (bytes)") from None
+    if value <= 0:
+        raise SizeError(f"{what} {text!r} must be positive, e.g. 5GB")
+    return value
 
 
 def write_hf_checkpoint(params: dict[str, np.ndarray], cfg: ModelConfig, out_dir: str | Path,
@@ -354,8 +417,9 @@ def write_hf_checkpoint(params: dict[str, np.ndarray], cfg: ModelConfig, out_dir
     an index when sharded), and generation_config.json plus tokenizer files copied from
     ``aux_dir`` when it has them (a generation_config.json is made from the config otherwise)."""
     check_params(params, cfg)
+    limit = parse_size(max_shard_size, "max_shard_size")
+    check_output_dir(out_dir, overwrite)
     plan = hf_tensor_plan(params, cfg)
-    limit = parse_size(max_shard_size)
     shards: list[list] = [[]]
     size = 0
     for item in plan:
@@ -437,27 +501,72 @@ def copy_aux_files(src_dir: str | Path, dst_dir: str | Path) -> list[str]:
     return copied
 
 
+def check_output_dir(out_dir: str | Path, overwrite: bool = False) -> None:
+    """Refuse an existing ``out_dir`` unless ``overwrite``: commands call this before any slow
+    reading, so that a refusal costs nothing."""
+    out_dir = Path(out_dir)
+    if (out_dir.exists() or out_dir.is_symlink()) and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists; choose another path or pass "
+                              "--overwrite (overwrite=True) to replace it")
+
+
 @contextmanager
 def atomic_output_dir(out_dir: str | Path, overwrite: bool = False):
     """Yield a fresh temporary directory beside ``out_dir``; rename it into place on success.
 
-    An existing ``out_dir`` is refused unless ``overwrite``; on any error nothing is left behind.
+    An existing ``out_dir`` is refused unless ``overwrite``. On any error or interruption
+    nothing is left behind: not the temporary directory, not the parent directories made for
+    it, and an ``out_dir`` being replaced stays as it was.
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists; choose another path or pass "
-                              "--overwrite (overwrite=True) to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    check_output_dir(out_dir, overwrite)
+    made = [p for p in (out_dir.parent, *out_dir.parent.parents) if not p.exists()]
+    tmp = None
     try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
         yield tmp
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out_dir)
+        _replace(tmp, out_dir)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for p in made:  # deepest first; stops at one that holds something
+            try:
+                p.rmdir()
+            except OSError:
+                break
         raise
+
+
+def _replace(new: Path, out_dir: Path) -> None:
+    """Rename ``new`` to ``out_dir``. An existing ``out_dir`` is moved into a fresh hidden
+    directory first and put back if the rename fails, then deleted; if it cannot be deleted,
+    a warning says where it is."""
+    if not (out_dir.exists() or out_dir.is_symlink()):
+        new.rename(out_dir)
+        return
+    trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+    old = trash / out_dir.name
+    try:
+        out_dir.rename(old)
+    except BaseException:
+        trash.rmdir()
+        raise
+    try:
+        new.rename(out_dir)
+    except BaseException:
+        try:
+            old.rename(out_dir)
+            trash.rmdir()
+        except OSError as e:
+            warnings.warn(f"could not put the previous {out_dir} back ({e}): it is at {old}",
+                          UserWarning, stacklevel=4)
+        raise
+    try:
+        shutil.rmtree(trash, ignore_errors=True)
+    except KeyboardInterrupt:  # the new output is in place: finish the clean-up, then stop
+        shutil.rmtree(trash, ignore_errors=True)
+        raise
+    if trash.exists():
+        warnings.warn(f"replaced {out_dir}, but the previous one could not be deleted: what is "
+                      f"left of it is in {trash}; delete it by hand", UserWarning, stacklevel=4)

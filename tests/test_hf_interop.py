@@ -232,3 +232,127 @@ def test_not_a_checkpoint(tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"x")
     with pytest.raises(CheckpointError, match="only PyTorch pickle weights.*safetensors"):
         read_hf_checkpoint(tmp_path)
+
+
+def test_missing_or_wrong_directory_is_named(tmp_path):
+    with pytest.raises(CheckpointError, match=r"nope does not exist; give the directory of a "
+                                              r"Hugging Face model"):
+        read_hf_checkpoint(tmp_path / "nope")
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(CheckpointError, match=r"f is a file, not a directory"):
+        read_hf_checkpoint(tmp_path / "f")
+    cfg = small_cfg()
+    save_checkpoint(tmp_path / "ck", cfg, random_params(cfg))
+    with pytest.raises(CheckpointError, match=r"ck: no config\.json; it is an mcpm checkpoint: "
+                                              r"`mcpm convert to-hf` exports it"):
+        read_hf_checkpoint(tmp_path / "ck")
+
+
+def test_non_finite_weights_are_converted_with_a_warning_naming_them(tmp_path):
+    cfg = small_cfg(tie_word_embeddings=False)
+    params = random_params(cfg, ml_dtypes.bfloat16)
+    params["up"][1, 0, :3] = np.nan   # HF model.layers.1.mlp.up_proj.weight
+    params["lm_head"][2, 5] = np.inf
+    write_hf_checkpoint(params, cfg, tmp_path / "hf", max_shard_size="5KB")
+    up = "model.layers.1.mlp.up_proj.weight"
+    files = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())["weight_map"]
+    with pytest.warns(UserWarning) as record:
+        _, _, back = read_hf_checkpoint(tmp_path / "hf")
+    messages = sorted(str(w.message) for w in record)
+    assert len(messages) == 2  # one per file
+    assert any(m.startswith(f"{tmp_path / 'hf' / files[up]}: 1 tensor(s) hold NaN or Inf values: "
+                            f"{up} (3 of 1536)") for m in messages)
+    assert any(f"{files['lm_head.weight']}: 1 tensor(s) hold NaN or Inf values: lm_head.weight "
+               "(1 of 3072)" in m for m in messages)
+    assert_bit_equal(params, back)  # kept as they are
+    save_checkpoint(tmp_path / "ck", cfg, back)
+    with pytest.warns(UserWarning, match=r"ck/params: 2 tensor\(s\) hold NaN or Inf values: "
+                                         r"lm_head \(1 of 3072\), up \(3 of 3072\)"):
+        load_checkpoint(tmp_path / "ck")
+
+
+def test_count_nonfinite_in_bounded_chunks():
+    from mcpm.hf import count_nonfinite
+    x = np.ones(1000, np.float16)
+    assert count_nonfinite(x) == 0
+    x[[3, 500, 999]] = [np.nan, np.inf, -np.inf]
+    assert count_nonfinite(x, chunk=7) == 3
+    big = np.full(10, 6e4, np.float16)  # the sum overflows float16, yet all are finite
+    assert count_nonfinite(big) == 0
+    assert count_nonfinite(np.arange(5)) == 0  # integers are always finite
+
+
+@pytest.mark.parametrize("text,ok", [("5GB", 5 * 10**9), ("500 MB", 5 * 10**8), ("2GiB", 2**31),
+                                     ("1.5kb", 1500), ("4096", 4096), (123, 123)])
+def test_parse_size(text, ok):
+    from mcpm.hf import parse_size
+    assert parse_size(text) == ok
+
+
+@pytest.mark.parametrize("text", ["5XB", "GB", "", "-1GB", "0"])
+def test_parse_size_rejects_what_is_not_a_size(text):
+    from mcpm.config import UserError
+    from mcpm.hf import SizeError, parse_size
+    with pytest.raises(SizeError, match=r"max_shard_size '.*' (is not a size|must be positive)") as e:
+        parse_size(text, "max_shard_size")
+    assert isinstance(e.value, UserError) and isinstance(e.value, ValueError)
+
+
+def _listing(root: Path) -> list:
+    return sorted((str(p.relative_to(root)), p.is_dir() or p.read_bytes()) for p in root.rglob("*"))
+
+
+def test_replacing_an_output_leaves_nothing_behind_whatever_fails(tmp_path, monkeypatch):
+    import mcpm.hf as hf_mod
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    before = _listing(tmp_path)
+
+    # interrupted while writing: the old output is untouched, no temporary directory left
+    with pytest.raises(KeyboardInterrupt):
+        with hf_mod.atomic_output_dir(out, overwrite=True) as tmp:
+            (tmp / "half").write_text("x")
+            raise KeyboardInterrupt
+    assert _listing(tmp_path) == before
+
+    # the final rename fails: the old output is put back where it was
+    real_rename = Path.rename
+
+    def failing_rename(self, target):
+        if Path(target) == out and ".tmp-" in self.name:
+            raise OSError(28, "No space left on device")
+        return real_rename(self, target)
+    monkeypatch.setattr(Path, "rename", failing_rename)
+    with pytest.raises(OSError, match="No space left"):
+        with hf_mod.atomic_output_dir(out, overwrite=True) as tmp:
+            (tmp / "new.txt").write_text("new")
+    assert _listing(tmp_path) == before
+    monkeypatch.setattr(Path, "rename", real_rename)
+
+    # the old output cannot be deleted: it is replaced, and a warning says where the rest is
+    real_rmtree = hf_mod.shutil.rmtree
+    monkeypatch.setattr(hf_mod.shutil, "rmtree", lambda p, ignore_errors=False: None)
+    with pytest.warns(UserWarning, match=r"replaced .*out, but the previous one could not be "
+                                         r"deleted: what is left of it is in .*/\.out\.old-"):
+        with hf_mod.atomic_output_dir(out, overwrite=True) as tmp:
+            (tmp / "new.txt").write_text("new")
+    monkeypatch.setattr(hf_mod.shutil, "rmtree", real_rmtree)
+    assert (out / "new.txt").read_text() == "new"
+    [left] = [p for p in tmp_path.iterdir() if p.name.startswith(".out.old-")]
+    assert (left / "out" / "keep.txt").read_text() == "precious"
+
+
+def test_a_failed_write_removes_the_parent_directories_it_made(tmp_path, monkeypatch):
+    import mcpm.hf as hf_mod
+    cfg = small_cfg()
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr(hf_mod, "write_safetensors", boom)
+    with pytest.raises(OSError):
+        write_hf_checkpoint(random_params(cfg), cfg, tmp_path / "a" / "b" / "out")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(hf_mod.SizeError):  # a bad size is refused before anything is made
+        write_hf_checkpoint(random_params(cfg), cfg, tmp_path / "c" / "out", max_shard_size="5XB")
+    assert list(tmp_path.iterdir()) == []
