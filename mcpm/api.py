@@ -19,7 +19,9 @@ def load_params(path: str | Path, progress: bool = False, **run_options
     """(config, HF config template, numpy params) from an HF directory or an mcpm checkpoint."""
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"{path} does not exist")
+        raise CheckpointError(f"{path} does not exist; give an mcpm checkpoint directory "
+                              "(model.yaml + params/) or a Hugging Face model directory "
+                              "(config.json + model.safetensors)")
     if is_mcpm_checkpoint(path):
         return load_checkpoint(path, **run_options)
     if is_hf_dir(path):

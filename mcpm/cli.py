@@ -2,13 +2,26 @@
 
 Every subcommand that takes a config also takes ``key=value`` overrides with dotted paths
 (``model.hidden_size=128 generate.temperature=0.7``).
+
+A user's mistake (a bad config, path, checkpoint, tokenizer or data source: a
+:class:`mcpm.config.UserError`, or a missing, existing or unwritable file) is reported as
+``mcpm COMMAND: error: MESSAGE`` with exit status 2; a traceback means a bug, and ``--debug``
+(or ``MCPM_DEBUG=1``) shows it for any error.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
+import os
+import signal
 import sys
+import threading
 import time
+import warnings
 from pathlib import Path
+
+from mcpm.config import UserError
 
 DEFAULT_PROMPT = "def fibonacci(n):"
 
@@ -16,7 +29,8 @@ DEFAULT_PROMPT = "def fibonacci(n):"
 def _overrides_and_extras(items: list[str]) -> list[str]:
     bad = [x for x in items if "=" not in x]
     if bad:
-        raise SystemExit(f"mcpm: unexpected argument(s) {bad}; overrides look like key=value")
+        raise UserError(f"unexpected argument(s) {bad}; overrides look like key=value (e.g. "
+                        "model.hidden_size=128)")
     return items
 
 
@@ -24,8 +38,9 @@ def _overrides_and_extras(items: list[str]) -> list[str]:
 
 def cmd_convert_from_hf(args) -> int:
     from mcpm.checkpoint import save_checkpoint
-    from mcpm.hf import read_hf_checkpoint
+    from mcpm.hf import check_output_dir, read_hf_checkpoint
 
+    check_output_dir(args.out, args.overwrite)  # before reading every tensor
     dtype = None if args.dtype == "keep" else args.dtype
     cfg, hf_config, params = read_hf_checkpoint(args.hf_dir, dtype=_np_dtype(dtype), progress=True)
     save_checkpoint(args.out, cfg, params, hf_config_template=hf_config,
@@ -36,8 +51,10 @@ def cmd_convert_from_hf(args) -> int:
 
 def cmd_convert_to_hf(args) -> int:
     from mcpm.api import load_params
-    from mcpm.hf import write_hf_checkpoint
+    from mcpm.hf import check_output_dir, parse_size, write_hf_checkpoint
 
+    parse_size(args.max_shard_size, "--max-shard-size")  # refuse before reading SRC
+    check_output_dir(args.out, args.overwrite)
     cfg, template, params = load_params(args.src, progress=True)
     if args.dtype != "keep":
         params = {k: v.astype(_np_dtype(args.dtype)) for k, v in params.items()}
@@ -64,15 +81,40 @@ def cmd_init(args) -> int:
     from mcpm.api import params_of
     from mcpm.checkpoint import save_checkpoint
     from mcpm.config import load_config
+    from mcpm.hf import check_output_dir
     from mcpm.model import MiniCPM4
 
     cfg = load_config(args.config, _overrides_and_extras(args.overrides))
+    check_output_dir(args.out, args.overwrite)
+    if args.tokenizer is not None:
+        _check_tokenizer_dir(args.tokenizer)
     model = MiniCPM4(cfg.model, rngs=nnx.Rngs(cfg.seed))
     save_checkpoint(args.out, cfg.model, params_of(model), aux_dir=args.tokenizer,
                     overwrite=args.overwrite)
     print(f"wrote randomly initialised checkpoint {args.out} "
           f"({cfg.model.num_params() / 1e6:.2f}M parameters)")
     return 0
+
+
+def _check_tokenizer_dir(path: str) -> None:
+    """``--tokenizer``: a directory holding tokenizer files (a tokenizer.model must load)."""
+    from mcpm.hf import AUX_FILES
+    from mcpm.tokenizer import TOKENIZER_FILE, Tokenizer
+
+    d = Path(path)
+    if not d.exists():
+        raise FileNotFoundError(f"--tokenizer {path} does not exist; give the directory that "
+                                f"holds {TOKENIZER_FILE} (e.g. from `mcpm tokenizer train`)")
+    if not d.is_dir():
+        raise UserError(f"--tokenizer {path} is a file; give the directory that holds it "
+                        f"({d.parent})")
+    names = [n for n in AUX_FILES if n != "generation_config.json" and (d / n).is_file()]
+    if not names:
+        raise UserError(f"--tokenizer {path} holds no tokenizer files ({TOKENIZER_FILE}, "
+                        "tokenizer.json, ...); give the directory of a trained tokenizer "
+                        "(`mcpm tokenizer train --out DIR`)")
+    if TOKENIZER_FILE in names:
+        Tokenizer(d)  # refuses a file that is not a SentencePiece model
 
 
 def cmd_config_show(args) -> int:
@@ -114,8 +156,8 @@ def cmd_generate(args) -> int:
     keys = [o.split("=", 1)[0] for o in overrides]
     fixed = [k for k in keys if k.startswith("model.") and k not in run_keys]
     if fixed:
-        raise SystemExit(f"mcpm generate: only {sorted(run_keys)} can be overridden for a "
-                         f"trained checkpoint, not {fixed}")
+        raise UserError(f"only {sorted(run_keys)} can be overridden for a trained checkpoint, "
+                        f"not {fixed}: its model is fixed")
     run_opts = {k[len("model."):]: getattr(run_cfg.model, k[len("model."):])
                 for k in keys if k in run_keys}
     cfg, _, params = load_params(args.checkpoint, **run_opts)
@@ -171,8 +213,8 @@ def init_distributed(args) -> None:
     pid = args.process_id if args.process_id is not None else \
         int(os.environ.get("MCPM_PROCESS_ID", "-1"))
     if num < 1 or pid < 0:
-        raise SystemExit("mcpm: --coordinator needs --num-processes and --process-id (or "
-                         "MCPM_NUM_PROCESSES and MCPM_PROCESS_ID)")
+        raise UserError("--coordinator needs --num-processes and --process-id (or "
+                        "MCPM_NUM_PROCESSES and MCPM_PROCESS_ID)")
     if os.environ.get("JAX_PLATFORMS") == "cpu":  # CPU processes talk through gloo
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num,
@@ -241,8 +283,20 @@ def cmd_demo(args) -> int:
 
 # -- parser --------------------------------------------------------------------------------------
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mcpm", description="MiniCPM4 in JAX")
+    p.add_argument("--debug", action="store_true",
+                   help="show the Python traceback of any error (also MCPM_DEBUG=1)")
     sub = p.add_subparsers(dest="command", required=True)
 
     conv = sub.add_parser("convert", help="official HF checkpoints <-> mcpm checkpoints")
@@ -314,8 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("config")
     a.add_argument("overrides", nargs="*", help="key=value, e.g. mesh.fsdp=64 mesh.data=-1")
     a.add_argument("--topology", required=True, help="e.g. v5p-64, v5e-256, v4-32, v5p:4x4x2")
-    a.add_argument("--batch-size", type=int, help="global batch (default: data.batch_size)")
-    a.add_argument("--seq-len", type=int, help="default: data.seq_len")
+    a.add_argument("--batch-size", type=_positive_int,
+                   help="global batch (default: data.batch_size)")
+    a.add_argument("--seq-len", type=_positive_int, help="default: data.seq_len")
     a.add_argument("--json", help="also write the report to this file")
     a.set_defaults(func=cmd_aot)
 
@@ -328,10 +383,68 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    from mcpm.config import ConfigError
-    from mcpm.hf import CheckpointError
+# -- errors ---------------------------------------------------------------------------------------
 
+# OS errors that are the user's to fix (a path, its permissions, the disk), with what to do
+_OS_HINTS = {errno.ENOENT: "check the path", errno.EEXIST: "choose another path",
+             errno.EACCES: "check its permissions", errno.EPERM: "check its permissions",
+             errno.EISDIR: "give a file", errno.ENOTDIR: "check the path",
+             errno.ENAMETOOLONG: "use a shorter path", errno.EROFS: "write elsewhere",
+             errno.ENOSPC: "free some space or write elsewhere",
+             errno.EDQUOT: "free some space or write elsewhere"}
+
+
+def _user_message(e: BaseException) -> str | None:
+    """The one-paragraph message for an error the user can fix, or None for a bug."""
+    if isinstance(e, UserError):
+        return str(e)
+    if isinstance(e, OSError) and e.errno in _OS_HINTS and e.strerror:
+        where = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 else "")
+        return f"{where + ': ' if e.filename else ''}{e.strerror}; {_OS_HINTS[e.errno]}"
+    if isinstance(e, (FileExistsError, FileNotFoundError)):  # mcpm's own, with a message
+        return str(e)
+    return None
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that clean-ups run as for Ctrl-C."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """Turn SIGTERM into :class:`Terminated` while a command runs (where nobody else handles it:
+    ``mcpm train`` installs its own handler for its loop and puts this one back after)."""
+    def raise_terminated(signum, frame):
+        raise Terminated()
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _warnings_as(prefix: str):
+    """mcpm's own warnings as ``mcpm COMMAND: warning: MESSAGE`` lines (others as usual)."""
+    package = str(Path(__file__).resolve().parent)
+    original = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if not str(Path(filename).resolve()).startswith(package):
+            return original(message, category, filename, lineno, file, line)
+        print(f"{prefix}: warning: {message}", file=file or sys.stderr)
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = original
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may follow options (argparse stops positionals at the first option)
@@ -339,11 +452,24 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, "overrides") or any("=" not in x or x.startswith("-") for x in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
-    try:
-        return args.func(args)
-    except (ConfigError, CheckpointError, FileExistsError, FileNotFoundError) as e:
-        print(f"mcpm {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    debug = args.debug or os.environ.get("MCPM_DEBUG", "").strip() not in ("", "0")
+    name = " ".join(["mcpm", args.command] + [getattr(args, a) for a in ("direction", "action")
+                                              if getattr(args, a, None)])
+    with _warnings_as(name), _sigterm_raises():
+        try:
+            return args.func(args)
+        except KeyboardInterrupt as e:
+            if debug:
+                raise
+            print(f"{name}: interrupted" + (" (SIGTERM)" if isinstance(e, Terminated) else ""),
+                  file=sys.stderr)
+            return 143 if isinstance(e, Terminated) else 130
+        except Exception as e:
+            message = _user_message(e)
+            if debug or message is None:
+                raise
+            print(f"{name}: error: {message}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

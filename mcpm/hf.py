@@ -265,39 +265,44 @@ def read_hf_checkpoint(hf_dir: str | Path, dtype=None, progress: bool = False,
     nonfinite: dict[Path, list[tuple[str, int, int]]] = {}
     shapes = param_shapes(cfg)
     names = sorted(layout, key=_natural_key) + (["lm_head.weight"] if tied_head else [])
+    bar = None
     it = iter_hf_tensors(hf_dir, names)
     if progress:
         from tqdm import tqdm
-        it = tqdm(it, total=len(names), desc=f"reading {hf_dir.name}", unit="tensor")
-    for hf_name, tensor in it:
-        if hf_name not in layout:  # the redundant tied head
-            if not np.array_equal(tensor, params["embed"]):
-                raise CheckpointError(f"{files[hf_name]}: lm_head.weight differs from "
-                                      "model.embed_tokens.weight but config.json says "
-                                      "tie_word_embeddings true; set it false")
-            continue
-        name, layer, kind, hf_shape = layout[hf_name]
-        if tuple(tensor.shape) != hf_shape:
-            raise CheckpointError(
-                f"{files[hf_name]}: tensor {hf_name} has shape {list(tensor.shape)}, expected "
-                f"{list(hf_shape)} from config.json (hidden_size {cfg.hidden_size}, heads "
-                f"{cfg.num_attention_heads}/{cfg.num_key_value_heads}, intermediate "
-                f"{cfg.intermediate_size}, vocab {cfg.vocab_size})")
-        if tensor.dtype not in _DTYPE_CODES:
-            raise CheckpointError(f"{files[hf_name]}: tensor {hf_name} has dtype {tensor.dtype}; "
-                                  "expected a float type")
-        bad = count_nonfinite(tensor)
-        if bad:
-            nonfinite.setdefault(files[hf_name], []).append((hf_name, bad, tensor.size))
-        out_dtype = np.dtype(dtype) if dtype is not None else tensor.dtype
-        value = _to_mcpm(tensor, kind, shapes[name][1:] if layer is not None else shapes[name])
-        if layer is None:
-            params[name] = value.astype(out_dtype, copy=False)
-        else:
-            if name not in params:
-                params[name] = np.empty(shapes[name], out_dtype)
-            params[name][layer] = value
-        del tensor, value
+        it = bar = tqdm(it, total=len(names), desc=f"reading {hf_dir.name}", unit="tensor")
+    try:
+        for hf_name, tensor in it:
+            if hf_name not in layout:  # the redundant tied head
+                if not np.array_equal(tensor, params["embed"]):
+                    raise CheckpointError(f"{files[hf_name]}: lm_head.weight differs from "
+                                          "model.embed_tokens.weight but config.json says "
+                                          "tie_word_embeddings true; set it false")
+                continue
+            name, layer, kind, hf_shape = layout[hf_name]
+            if tuple(tensor.shape) != hf_shape:
+                raise CheckpointError(
+                    f"{files[hf_name]}: tensor {hf_name} has shape {list(tensor.shape)}, expected "
+                    f"{list(hf_shape)} from config.json (hidden_size {cfg.hidden_size}, heads "
+                    f"{cfg.num_attention_heads}/{cfg.num_key_value_heads}, intermediate "
+                    f"{cfg.intermediate_size}, vocab {cfg.vocab_size})")
+            if tensor.dtype not in _DTYPE_CODES:
+                raise CheckpointError(f"{files[hf_name]}: tensor {hf_name} has dtype "
+                                      f"{tensor.dtype}; expected a float type")
+            bad = count_nonfinite(tensor)
+            if bad:
+                nonfinite.setdefault(files[hf_name], []).append((hf_name, bad, tensor.size))
+            out_dtype = np.dtype(dtype) if dtype is not None else tensor.dtype
+            value = _to_mcpm(tensor, kind, shapes[name][1:] if layer is not None else shapes[name])
+            if layer is None:
+                params[name] = value.astype(out_dtype, copy=False)
+            else:
+                if name not in params:
+                    params[name] = np.empty(shapes[name], out_dtype)
+                params[name][layer] = value
+            del tensor, value
+    finally:  # closed before an error is reported, not under its message
+        if bar is not None:
+            bar.close()
     for path, found in nonfinite.items():
         warn_nonfinite(str(path), found)
     return cfg, hf_config, params
@@ -444,15 +449,17 @@ def write_hf_checkpoint(params: dict[str, np.ndarray], cfg: ModelConfig, out_dir
             from tqdm import tqdm
             bar = tqdm(total=len(plan), desc="writing safetensors", unit="tensor")
         weight_map = {}
-        for k, shard in enumerate(shards):
-            fname = ("model.safetensors" if len(shards) == 1
-                     else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors")
+        try:
+            for k, shard in enumerate(shards):
+                fname = ("model.safetensors" if len(shards) == 1
+                         else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors")
+                if bar is not None:
+                    shard = [(n, _counted(p, bar), s, d) for n, p, s, d in shard]
+                write_safetensors(tmp / fname, shard)
+                weight_map.update({name: fname for name, *_ in shard})
+        finally:  # closed before an error is reported, not under its message
             if bar is not None:
-                shard = [(n, _counted(p, bar), s, d) for n, p, s, d in shard]
-            write_safetensors(tmp / fname, shard)
-            weight_map.update({name: fname for name, *_ in shard})
-        if bar is not None:
-            bar.close()
+                bar.close()
         if len(shards) > 1:
             total = sum(int(np.prod(s)) * d.itemsize for _, _, s, d in plan)
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
@@ -508,6 +515,10 @@ def check_output_dir(out_dir: str | Path, overwrite: bool = False) -> None:
     if (out_dir.exists() or out_dir.is_symlink()) and not overwrite:
         raise FileExistsError(f"{out_dir} already exists; choose another path or pass "
                               "--overwrite (overwrite=True) to replace it")
+    parent = next((p for p in out_dir.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise FileExistsError(f"cannot write {out_dir}: {parent} is a file, not a directory; "
+                              "choose another path")
 
 
 @contextmanager

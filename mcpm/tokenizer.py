@@ -14,6 +14,7 @@ import sentencepiece as spm
 from mcpm.config import UserError
 
 TOKENIZER_FILE = "tokenizer.model"
+MIN_VOCAB_SIZE = 259  # <unk>, <s>, </s> and the 256 byte-fallback pieces
 
 
 class TokenizerError(UserError, ValueError):
@@ -65,6 +66,9 @@ def train_tokenizer(text_files: Sequence[str | Path], out_dir: str | Path, vocab
                     character_coverage: float = 0.9995, seed_text: Iterable[str] | None = None
                     ) -> Path:
     """Train a SentencePiece model on local text files; writes ``out_dir/tokenizer.model``."""
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise TokenizerError(f"a vocabulary of {vocab_size} pieces is too small: it needs at "
+                             f"least {MIN_VOCAB_SIZE} (3 special pieces and 256 byte pieces)")
     files = [Path(f) for f in text_files]
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
@@ -95,11 +99,21 @@ def train_tokenizer(text_files: Sequence[str | Path], out_dir: str | Path, vocab
                              f"{_sp_message(e).rstrip('.')}; choose another vocabulary size "
                              "(--vocab-size)") from None
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    made = [p for p in (out_dir, *out_dir.parents) if not p.exists()]  # deepest first
     path = out_dir / TOKENIZER_FILE
     tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(model.getvalue())
-    tmp.replace(path)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(model.getvalue())
+        tmp.replace(path)
+    except BaseException:  # leave no partial file and no directory this call made
+        tmp.unlink(missing_ok=True)
+        for p in made:
+            try:
+                p.rmdir()
+            except OSError:
+                break
+        raise
     return path
 
 

@@ -293,7 +293,8 @@ def test_parse_size(text, ok):
 def test_parse_size_rejects_what_is_not_a_size(text):
     from mcpm.config import UserError
     from mcpm.hf import SizeError, parse_size
-    with pytest.raises(SizeError, match=r"max_shard_size '.*' (is not a size|must be positive)") as e:
+    with pytest.raises(SizeError, match=r"max_shard_size '.*' (is not a size|must be "
+                                        r"positive)") as e:
         parse_size(text, "max_shard_size")
     assert isinstance(e.value, UserError) and isinstance(e.value, ValueError)
 
