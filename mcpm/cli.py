@@ -444,6 +444,14 @@ def _warnings_as(prefix: str):
         warnings.showwarning = original
 
 
+def _die_by(sig: int) -> None:
+    """Clean-ups have run: end the process by ``sig`` with its default action."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    signal.signal(sig, signal.SIG_DFL)
+    os.kill(os.getpid(), sig)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -461,9 +469,12 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt as e:
             if debug:
                 raise
-            print(f"{name}: interrupted" + (" (SIGTERM)" if isinstance(e, Terminated) else ""),
+            sig = signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT
+            print(f"{name}: interrupted" + (" (SIGTERM)" if sig == signal.SIGTERM else ""),
                   file=sys.stderr)
-            return 143 if isinstance(e, Terminated) else 130
+            if argv is None:  # the program itself: end by the signal, as shells expect, and
+                _die_by(sig)  # skip a teardown that can crash while XLA threads are busy
+            return 128 + sig
         except Exception as e:
             message = _user_message(e)
             if debug or message is None:

@@ -216,3 +216,28 @@ def test_train_reports_a_data_source_error(tok_dir, tmp_path, capsys):
     assert "Traceback" not in err
     assert "mcpm train: error: data source files:/nonexistent/*.txt: no files match " \
            "['/nonexistent/*.txt']\n" in err
+
+
+def test_the_program_ends_by_the_signal_after_cleaning_up(ws):
+    """A real process (main() with argv None): SIGTERM midway -> nothing left, and the process
+    ends by SIGTERM itself, as shells and process managers expect."""
+    import subprocess
+    import sys
+    script = ("import os, signal, sys\n"
+              "import mcpm.hf as hf\n"
+              "real = hf.write_safetensors\n"
+              "def midway(path, tensors):\n"
+              "    real(path, tensors[:1])\n"
+              "    os.kill(os.getpid(), signal.SIGTERM)\n"
+              "    real(path, tensors)\n"
+              "hf.write_safetensors = midway\n"
+              "from mcpm.cli import main\n"
+              "sys.argv = ['mcpm'] + sys.argv[1:]\n"
+              "sys.exit(main())\n")
+    before = snapshot(ws)
+    proc = subprocess.run([sys.executable, "-c", script, "convert", "to-hf", str(ws / "ck"),
+                           str(ws / "out")], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"), cwd=REPO)
+    assert proc.returncode == -signal.SIGTERM, proc.stderr[-2000:]
+    assert proc.stderr.endswith("mcpm convert to-hf: interrupted (SIGTERM)\n"), proc.stderr
+    assert snapshot(ws) == before
