@@ -430,7 +430,7 @@ def _sigterm_raises():
 @contextlib.contextmanager
 def _warnings_as(prefix: str):
     """mcpm's own warnings as ``mcpm COMMAND: warning: MESSAGE`` lines (others as usual)."""
-    package = str(Path(__file__).resolve().parent)
+    package = str(Path(__file__).resolve().parent) + os.sep
     original = warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None):
