@@ -25,35 +25,19 @@ CASES = [("tiny", "configs/tiny.yaml", 16, 256), ("tunnel-0.1b", "configs/tunnel
 def worker(config: str, batch: int, seq_len: int, steps: int, mesh: str) -> dict:
     import jax
     import numpy as np
-    from flax import nnx
 
     from mcpm.config import load_config
-    from mcpm.model import MiniCPM4
-    from mcpm.sharding import activation_rules, batch_sharding, make_mesh, state_shardings
     from mcpm.train.loop import measure_peak_flops, model_flops_per_token
-    from mcpm.train.optimizer import make_optimizer
-    from mcpm.train.schedule import wsd_schedule
-    from mcpm.train.step import init_state, make_train_step
+    from mcpm.train.program import build_train_program
 
     data, fsdp, tensor = (int(x) for x in mesh.split("x"))
     cfg = load_config(ROOT / config, [f"mesh.data={data}", f"mesh.fsdp={fsdp}",
-                                      f"mesh.tensor={tensor}"])
+                                      f"mesh.tensor={tensor}", f"data.batch_size={batch}",
+                                      f"data.seq_len={seq_len}"])
     peak = measure_peak_flops()
-    m = make_mesh(cfg.mesh)
-    t = cfg.train
-    abstract = jax.eval_shape(
-        lambda: nnx.to_pure_dict(nnx.state(MiniCPM4(cfg.model, rngs=nnx.Rngs(0)), nnx.Param)))
-    tx = make_optimizer(abstract, cfg.model, t.optimizer, t.schedule, t.steps)
-
-    def init():
-        p = nnx.to_pure_dict(nnx.state(MiniCPM4(cfg.model, rngs=nnx.Rngs(0)), nnx.Param))
-        return init_state(p, tx)
-    st_sh = state_shardings(jax.eval_shape(init), cfg.model, m, cfg.mesh.rules)
-    b_sh = batch_sharding(m, cfg.mesh.rules, batch)
-    state = jax.jit(init, out_shardings=st_sh)()
-    step = jax.jit(make_train_step(cfg.model, tx, wsd_schedule(t.schedule, t.steps),
-                                   activation_rules=lambda: activation_rules(m, cfg.mesh.rules)),
-                   in_shardings=(st_sh, b_sh), out_shardings=(st_sh, None), donate_argnums=0)
+    # the step a run executes (schedule, z-loss, accumulation, shardings: the config's)
+    program = build_train_program(cfg)
+    state, step, b_sh = program.init(), program.step, program.batch_sharding
     rng = np.random.default_rng(0)
     ids = rng.integers(3, cfg.model.vocab_size, (batch, seq_len + 1)).astype(np.int32)
     host = {"inputs": ids[:, :-1], "targets": ids[:, 1:],

@@ -222,25 +222,33 @@ def init_distributed(args) -> None:
 
 
 def cmd_train(args) -> int:
+    return _train(args)[0]
+
+
+def _train(args) -> tuple[int, dict | None]:
+    """(exit status, the run's summary or None)."""
     from mcpm.config import load_config
     from mcpm.train.loop import TrainingError, train
 
     cfg = load_config(args.config, _train_overrides(args.overrides))
     init_distributed(args)
     try:
-        summary = train(cfg, progress=not args.no_progress)
+        summary = train(cfg, progress=not args.no_progress, reinit=args.reinit,
+                        restart_data=args.restart_data, confirm_schedule_change=args.yes)
     except TrainingError as e:
         print(f"mcpm train: stopped: {e}", file=sys.stderr)
-        return 1
+        return 1, None
     if summary["preempted"]:
-        print(f"mcpm train: SIGTERM: saved a checkpoint at step {summary['step']} in "
+        how = "Ctrl-C" if summary["signal"] == "SIGINT" else summary["signal"]
+        print(f"mcpm train: {how}: saved a checkpoint at step {summary['step']} in "
               f"{summary['run_dir']}; run the same command to resume", file=sys.stderr)
-    else:
-        loss = "n/a" if summary.get("loss") is None else f"{summary['loss']:.4f}"
-        print(f"mcpm train: {summary['note']}; at step {summary['step']}, loss {loss}; "
-              f"{summary['run_dir']}" + (f" (plot {summary['plot']})" if summary.get("plot")
-                                         else ""))
-    return 0
+        # a preempted job ends cleanly for its scheduler; an interrupted command reports it
+        return (130 if summary["signal"] == "SIGINT" else 0), summary
+    loss = "n/a" if summary.get("loss") is None else f"{summary['loss']:.4f}"
+    print(f"mcpm train: {summary['note']}; at step {summary['step']}, loss {loss}; "
+          f"{summary['run_dir']}" + (f" (plot {summary['plot']})" if summary.get("plot")
+                                     else ""))
+    return 0, summary
 
 
 def cmd_aot(args) -> int:
@@ -266,9 +274,11 @@ def cmd_demo(args) -> int:
     ns = argparse.Namespace
     print(f"== pretraining {Path(args.config).name} on the built-in corpus (the Python standard "
           "library's sources); the first run prepares the corpus and its tokenizer")
-    rc = cmd_train(ns(config=args.config, overrides=list(args.overrides), no_progress=False,
-                      distributed="off", coordinator=None, num_processes=None, process_id=None))
-    if rc:
+    rc, summary = _train(ns(config=args.config, overrides=list(args.overrides),
+                            no_progress=False, distributed="off", coordinator=None,
+                            num_processes=None, process_id=None, reinit=False, yes=False,
+                            restart_data=False))
+    if rc or summary["preempted"]:
         return rc
     from mcpm.config import load_config
     from mcpm.train.loop import run_layout
@@ -355,6 +365,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="key=value, e.g. workdir=runs/tiny steps=2000 seed=1 mesh.fsdp=2 "
                          "decay_from=1000 decay_steps=100 data.batch_size=16")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tr.add_argument("--reinit", action="store_true",
+                    help="start over in a workdir that holds a run: the old run directory is "
+                         "renamed to NAME.reinit-TIME beside it, never deleted")
+    tr.add_argument("--yes", action="store_true",
+                    help="accept a changed steps that makes the learning rate jump at the "
+                         "resume step (e.g. extending a finished run re-warms it)")
+    tr.add_argument("--restart-data", action="store_true",
+                    help="resume a checkpoint that has no data-iterator state, starting the "
+                         "data pipeline afresh (its first batches are seen again)")
     tr.add_argument("--distributed", choices=["flags", "auto", "off"], default="flags",
                     help="multi-host: 'flags' uses --coordinator/... or MCPM_* variables when "
                          "given; 'auto' lets JAX detect the pod")

@@ -64,7 +64,7 @@ def run(mesh_cfg, devices, accum=1, steps=2, reshard_to=None):
                               shapes, state_shardings(shapes, MODEL, other, reshard_to.rules))
         with tempfile.TemporaryDirectory() as tmp:
             ck = RunCheckpoints(tmp)
-            ck.save(steps, state, {})
+            ck.save(steps, state, {}, data_state={})
             ck.wait()
             _, restored, _, _ = ck.restore(target)
             ck.close()

@@ -42,8 +42,13 @@ def test_sigterm_checkpoints_exits_zero_and_the_run_resumes(tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["preempted"] and summary["step"] == stopped
 
-    done = subprocess.run(train_cmd(tmp_path, stopped + 2), capture_output=True, text=True,
-                          env=env, timeout=400)
+    # a shorter run than the 10,000 steps it was started as: its warm-up ends sooner, so the
+    # lr changes at the resume step, which --yes accepts
+    refused = subprocess.run(train_cmd(tmp_path, stopped + 2), capture_output=True, text=True,
+                             env=env, timeout=400)
+    assert refused.returncode == 2 and "--yes" in refused.stderr, refused.stderr[-3000:]
+    done = subprocess.run(train_cmd(tmp_path, stopped + 2) + ["--yes"], capture_output=True,
+                          text=True, env=env, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"resumed from step {stopped}; at step {stopped + 2}" in done.stdout
     steps = [r["step"] for r in read_metrics(metrics)]

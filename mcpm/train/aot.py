@@ -12,15 +12,9 @@ import dataclasses
 import os
 import re
 
-import jax
-from flax import nnx
-
 from mcpm.config import Config, ConfigError
-from mcpm.model.minicpm4 import MiniCPM4
-from mcpm.sharding import activation_rules, batch_sharding, make_mesh, state_shardings
-from mcpm.train.optimizer import make_optimizer
-from mcpm.train.schedule import wsd_schedule
-from mcpm.train.step import BATCH_KEYS, init_state, make_train_step
+from mcpm.sharding import make_mesh
+from mcpm.train.program import build_train_program
 
 GIB = 1024 ** 3
 # libtpu's name, cores per chip in the Cloud name, HBM per chip
@@ -70,29 +64,14 @@ def topology_devices(name: str):
 def compile_train_step(cfg: Config, topology: str, batch_size: int, seq_len: int) -> dict:
     """Compile the sharded train step of ``cfg`` for ``topology``; per-device memory report."""
     devices, libtpu_name, hbm = topology_devices(topology)
-    mesh = make_mesh(cfg.mesh, devices)
-    model_cfg = cfg.model
-    abstract_params = jax.eval_shape(
-        lambda: nnx.to_pure_dict(nnx.state(MiniCPM4(model_cfg, rngs=nnx.Rngs(0)), nnx.Param)))
-    train = cfg.train
-    tx = make_optimizer(abstract_params, model_cfg, train.optimizer, train.schedule, train.steps)
-    state_shapes = jax.eval_shape(lambda p: init_state(p, tx), abstract_params)
-    st_sh = state_shardings(state_shapes, model_cfg, mesh, cfg.mesh.rules)
-    b_sh = batch_sharding(mesh, cfg.mesh.rules, batch_size)
-    step = make_train_step(model_cfg, tx, wsd_schedule(train.schedule, train.steps),
-                           z_loss=train.z_loss, accum_steps=train.accum_steps,
-                           activation_rules=lambda: activation_rules(mesh, cfg.mesh.rules))
-    state_in = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                            state_shapes, st_sh)
-    batch_in = {k: jax.ShapeDtypeStruct((batch_size, seq_len),
-                                        "float32" if k == "weights" else "int32", sharding=b_sh)
-                for k in BATCH_KEYS}
+    program = build_train_program(cfg, make_mesh(cfg.mesh, devices), batch_size=batch_size)
+    mesh = program.mesh
     report = {"topology": topology, "libtpu_topology": libtpu_name, "devices": len(devices),
               "device_kind": devices[0].device_kind,
               "mesh": dict(mesh.shape), "batch_size": batch_size, "seq_len": seq_len,
               "hbm_bytes": hbm}
-    lowered = jax.jit(step, in_shardings=(st_sh, b_sh), out_shardings=(st_sh, None),
-                      donate_argnums=0).trace(state_in, batch_in).lower()
+    lowered = program.step.trace(program.abstract_state,
+                                 program.batch_spec(batch_size, seq_len)).lower()
     try:
         compiled = lowered.compile()
     except Exception as e:  # noqa: BLE001 - XLA refuses programs that cannot fit

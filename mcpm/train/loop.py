@@ -5,30 +5,32 @@ global batch come from the data pipeline, become one global array over the mesh,
 the jitted, donated train step. Metrics are fetched one step late (the device never waits for
 the host), logged every ``log_every`` steps (metrics.jsonl, TensorBoard, progress bar), and a
 checkpoint (state, config, data-iterator states) is started every ``checkpoint_every`` steps,
-at the end, and on SIGTERM, after which the run exits cleanly.
+at the end, and on SIGTERM or Ctrl-C, after which the run stops cleanly.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import signal
+import sys
+import threading
 import time
+import warnings
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from mcpm.config import Config, ConfigError, ModelConfig, save_yaml, to_dict
-from mcpm.model.minicpm4 import MiniCPM4
-from mcpm.sharding import (activation_rules, batch_sharding, describe, make_mesh,
-                           state_shardings)
+from mcpm.sharding import describe
 from mcpm.train.checkpoints import RunCheckpoints
 from mcpm.train.metrics import MetricsWriter, plot_metrics
-from mcpm.train.optimizer import make_optimizer
-from mcpm.train.schedule import wsd_schedule
-from mcpm.train.step import BATCH_KEYS, init_state, make_train_step
+from mcpm.train.program import build_train_program, schedule_span
+from mcpm.train.resume import (CONFIG_FILE, ResumeError, check_same_run, move_aside,
+                               read_saved_config, schedule_change)
+from mcpm.train.step import BATCH_KEYS
 
 
 class TrainingError(RuntimeError):
@@ -60,23 +62,59 @@ def measure_peak_flops(n: int = 2048, reps: int = 5) -> float:
 
 def run_layout(cfg: Config) -> tuple[Path, int, int | None, Path | None]:
     """(run directory, total steps, decay start or None, checkpoint dir to branch from)."""
-    t = cfg.train
-    workdir = Path(t.workdir)
-    if t.decay_from >= 0:
-        return (workdir / f"decay_from_{t.decay_from}", t.decay_from + t.decay_steps,
-                t.decay_from, workdir)
-    return workdir, t.steps, None, None
+    workdir = Path(cfg.train.workdir)
+    total, decay_start = schedule_span(cfg)
+    if decay_start is not None:
+        return workdir / f"decay_from_{decay_start}", total, decay_start, workdir
+    return workdir, total, None, None
 
 
-def _init_fn(model_cfg: ModelConfig, seed: int, tx):
-    def init():
-        params = nnx.to_pure_dict(nnx.state(MiniCPM4(model_cfg, rngs=nnx.Rngs(seed)), nnx.Param))
-        return init_state(params, tx)
-    return init
+class _Interrupts:
+    """SIGTERM and Ctrl-C (SIGINT) ask the loop to save a checkpoint after the current step and
+    stop; a second Ctrl-C exits at once (the last complete checkpoint stays the resume point)."""
+
+    def __init__(self, announce: bool):
+        self.signal = None
+        self.announce = announce
+        self._previous = {}
+
+    def _handle(self, sig, frame):
+        if sig == signal.SIGINT and self.signal is not None:
+            print("\nmcpm train: second Ctrl-C: exiting now; the run resumes from its last "
+                  "complete checkpoint", file=sys.stderr, flush=True)
+            os._exit(130)
+        self.signal = sig
+        if sig == signal.SIGINT and self.announce:
+            print("\nmcpm train: Ctrl-C: saving a checkpoint after this step (press Ctrl-C "
+                  "again to exit at once)", file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
 
 
-def train(cfg: Config, *, data=None, progress: bool = True) -> dict:
+def _say(is_main: bool, text: str) -> None:
+    if is_main:
+        print(f"mcpm train: {text}", flush=True)
+
+
+def train(cfg: Config, *, data=None, progress: bool = True, reinit: bool = False,
+          restart_data: bool = False, confirm_schedule_change: bool = False) -> dict:
     """Run (or resume) the training run ``cfg`` describes; returns a summary dict.
+
+    Resuming is a contract (:mod:`mcpm.train.resume`): a workdir whose saved config differs in
+    a key that may not change refuses with ResumeError, and so does a checkpoint without its
+    data-iterator state (unless ``restart_data``) or a changed ``steps`` that makes the
+    learning rate jump at the resume step (unless ``confirm_schedule_change``). ``reinit``
+    moves an existing run directory aside and starts afresh. Every check runs before anything
+    is written, so a refused command leaves the filesystem as it found it.
 
     ``data``: a batch source (``next()``, ``get_state()``, ``set_state()``, ``stats()``) to use
     instead of the one ``cfg.data`` describes (tests).
@@ -86,69 +124,90 @@ def train(cfg: Config, *, data=None, progress: bool = True) -> dict:
     t = cfg.train
     run_dir, total, decay_start, branch_from = run_layout(cfg)
     is_main = jax.process_index() == 0
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_yaml(cfg, run_dir / "config.yaml")
-    mesh = make_mesh(cfg.mesh)
-    rules = cfg.mesh.rules
     model_cfg = cfg.model
     global_batch, seq_len = cfg.data.batch_size, cfg.data.seq_len
 
-    abstract_params = jax.eval_shape(
-        lambda: nnx.to_pure_dict(nnx.state(MiniCPM4(model_cfg, rngs=nnx.Rngs(0)), nnx.Param)))
-    tx = make_optimizer(abstract_params, model_cfg, t.optimizer, t.schedule, total, decay_start)
-    schedule = wsd_schedule(t.schedule, total, decay_start)
-    state_shapes = jax.eval_shape(_init_fn(model_cfg, cfg.seed, tx))
-    st_sh = state_shardings(state_shapes, model_cfg, mesh, rules)
-    b_sh = batch_sharding(mesh, rules, global_batch)
-    abstract_state = jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_shapes, st_sh)
+    # 1. Is this the same run? Nothing is written until every check has passed.
+    existing = RunCheckpoints(run_dir, t.keep_last, t.keep_every, create=False)
+    saved = None if reinit else (read_saved_config(run_dir) or existing.saved_config())
+    changes = [] if saved is None else check_same_run(saved, cfg, run_dir)
+    source_ckpts, branch_new_data = None, False
+    if branch_from is not None and (saved is None or not existing.steps()):
+        source_ckpts = RunCheckpoints(branch_from, t.keep_last, t.keep_every, create=False)
+        if decay_start not in source_ckpts.steps():
+            raise ResumeError(f"decay_from={decay_start}: {branch_from} has no checkpoint at step "
+                              f"{decay_start} (it has: {source_ckpts.steps() or 'none'}); "
+                              "branch from one of those steps")
+        main_saved = read_saved_config(branch_from) or source_ckpts.saved_config()
+        if main_saved is not None:
+            check_same_run(main_saved, cfg, run_dir, branch_of=branch_from)
+            branch_new_data = main_saved["data"] != to_dict(cfg.data)
 
-    ckpts = RunCheckpoints(run_dir, t.keep_last, t.keep_every)
-    restored = ckpts.restore(abstract_state)
-    data_state, note = None, "fresh start"
-    if restored is not None:
-        start, state, _, data_state = restored
-        note = f"resumed from step {start}"
-    elif branch_from is not None:
-        source = RunCheckpoints(branch_from, t.keep_last, t.keep_every)
-        start, state, source_cfg, data_state = source.restore(abstract_state, step=t.decay_from)
-        source.close()
-        if source_cfg.get("data") != to_dict(cfg.data):
-            data_state = None  # the decay switches the data mixture: a fresh pipeline
-        note = f"branch decay from step {start} of {branch_from}"
-    else:
-        start = 0
-        state = jax.jit(_init_fn(model_cfg, cfg.seed, tx), out_shardings=st_sh)()
-    if start >= total:
-        ckpts.close()
-        return {"run_dir": str(run_dir), "step": start, "note": f"already at step {start}",
-                "preempted": False}
-
+    # 2. The program (the mesh may not fit the devices) and the data (sources may be unusable)
+    program = build_train_program(cfg)
     source = data if data is not None else make_iterator(
         cfg.data, process_index=jax.process_index(), process_count=jax.process_count())
-    if data_state is not None:
-        source.set_state(data_state)
     vocab = getattr(source, "vocab_size", None)
     if vocab is not None and vocab > model_cfg.vocab_size:
         raise ConfigError(f"the tokenizer {getattr(source, 'tokenizer_path', '')} has {vocab} "
                           f"pieces but model.vocab_size is {model_cfg.vocab_size}: raise "
                           "model.vocab_size or use a smaller tokenizer (data.tokenizer)")
 
-    step_fn = jax.jit(
-        make_train_step(model_cfg, tx, schedule, z_loss=t.z_loss, accum_steps=t.accum_steps,
-                        activation_rules=lambda: activation_rules(mesh, rules)),
-        in_shardings=(st_sh, b_sh), out_shardings=(st_sh, None), donate_argnums=0)
+    # 3. Restore (read only): this run's latest checkpoint, or the branch's fork point
+    restored = None if reinit else existing.restore(
+        program.abstract_state, allow_missing_data_state=restart_data)
+    data_state, note = None, "fresh start"
+    if restored is not None:
+        start, state, _, data_state = restored
+        note = f"resumed from step {start}"
+        line, jump = schedule_change(saved or restored[2], cfg, start)
+        if jump and not confirm_schedule_change:
+            raise ResumeError(
+                f"{line}. Pass --yes (confirm_schedule_change=True) to continue with this "
+                "schedule; to decay from a stable-phase checkpoint instead, run a branch decay "
+                "(decay_from=STEP decay_steps=N), which leaves this run as it is.")
+        if line:
+            changes.append(line)
+    elif source_ckpts is not None:
+        start, state, source_cfg, data_state = source_ckpts.restore(
+            program.abstract_state, step=decay_start,
+            allow_missing_data_state=restart_data or branch_new_data)
+        if source_cfg.get("data") != to_dict(cfg.data):
+            data_state = None  # the decay switches the data mixture: a fresh pipeline
+            changes.append("the branch decays on other data: its data pipeline starts afresh")
+        note = f"branch decay from step {start} of {branch_from}"
+    else:
+        start = 0
+        state = None
+    if start >= total:
+        return {"run_dir": str(run_dir), "step": start, "note": f"already at step {start}",
+                "preempted": False}
+
+    # 4. The run goes on: now write
+    if reinit and run_dir.exists():
+        moved = move_aside(run_dir) if is_main else None
+        _say(is_main, f"--reinit: moved the previous run to {moved}")
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_yaml(cfg, run_dir / CONFIG_FILE)
+    for line in existing.quarantine_damaged():
+        warnings.warn(line, stacklevel=2)
+    existing.close()
+    ckpts = RunCheckpoints(run_dir, t.keep_last, t.keep_every)
+    if state is None:
+        state = program.init()
+    if data_state is not None:
+        source.set_state(data_state)
+    step_fn = program.step
 
     peak = t.peak_flops_per_device or measure_peak_flops()
     flops_per_token = model_flops_per_token(model_cfg, seq_len)
-    writer = MetricsWriter(run_dir, enabled=is_main)
-    stop = {"signal": None}
-    previous_handler = signal.signal(signal.SIGTERM, lambda sig, frame: stop.update(signal=sig))
-    if is_main:
-        print(f"mcpm train: {note}; {model_cfg.num_params() / 1e6:.1f}M parameters, mesh "
-              f"{describe(mesh)}, batch {global_batch} x {seq_len}, steps {start} -> {total}",
-              flush=True)
+    writer = MetricsWriter(run_dir, enabled=is_main, resume_step=start)
+    for line in changes:
+        _say(is_main, line)
+    _say(is_main, f"{note}; {model_cfg.num_params() / 1e6:.1f}M parameters, mesh "
+                  f"{describe(program.mesh)}, batch {global_batch} x {seq_len}, steps {start} "
+                  f"-> {total}")
 
     bar = None
     if progress and is_main:
@@ -163,53 +222,54 @@ def train(cfg: Config, *, data=None, progress: bool = True) -> dict:
     last_loss = None
     interval_losses = []     # finite losses since the last log line: their mean is loss_avg
     step = start
-    preempted = False
+    interrupts = _Interrupts(announce=is_main)
     try:
-        while step < total:
-            local = next(source)
-            batch = {k: jax.make_array_from_process_local_data(b_sh, np.asarray(local[k]))
-                     for k in BATCH_KEYS}
-            state, metrics = step_fn(state, batch)
-            step += 1
+        with interrupts:
+            while step < total:
+                local = next(source)
+                batch = {k: jax.make_array_from_process_local_data(
+                    program.batch_sharding, np.asarray(local[k])) for k in BATCH_KEYS}
+                state, metrics = step_fn(state, batch)
+                step += 1
+                if pending is not None:
+                    in_a_row, last_loss = _check(pending, in_a_row, t.max_nonfinite_in_a_row)
+                    interval_losses += [] if last_loss is None else [last_loss]
+                pending = (step, metrics)
+                if step % t.log_every == 0 or step == total:
+                    in_a_row, last_loss = _check(pending, in_a_row, t.max_nonfinite_in_a_row)
+                    interval_losses += [] if last_loss is None else [last_loss]
+                    pending = None
+                    now = time.perf_counter()
+                    tokens = (step - last_log_step) * global_batch * seq_len
+                    tok_s = tokens / max(now - last_log, 1e-9)
+                    row = {k: v for k, v in jax.device_get(metrics).items() if k != "finite"}
+                    # one batch's loss is noisy on a mixed corpus; the interval mean is the curve
+                    row.update(loss_avg=(float(np.mean(interval_losses)) if interval_losses
+                                         else float("nan")),
+                               tokens_per_s=tok_s,
+                               mfu=tok_s * flops_per_token / (peak * jax.device_count()),
+                               **{f"data_{k}": v for k, v in source.stats().items()})
+                    writer.write(step, row)
+                    last_log, last_log_step, interval_losses = now, step, []
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{row['loss_avg']:.3f}", lr=f"{row['lr']:.2e}",
+                                        tok_s=f"{tok_s:.0f}")
+                if bar is not None:
+                    bar.update(1)
+                if interrupts.signal is not None:
+                    save(step)
+                    break
+                if step % t.checkpoint_every == 0 or step == total:
+                    save(step)
             if pending is not None:
                 in_a_row, last_loss = _check(pending, in_a_row, t.max_nonfinite_in_a_row)
-                interval_losses += [] if last_loss is None else [last_loss]
-            pending = (step, metrics)
-            if step % t.log_every == 0 or step == total:
-                in_a_row, last_loss = _check(pending, in_a_row, t.max_nonfinite_in_a_row)
-                interval_losses += [] if last_loss is None else [last_loss]
-                pending = None
-                now = time.perf_counter()
-                tokens = (step - last_log_step) * global_batch * seq_len
-                tok_s = tokens / max(now - last_log, 1e-9)
-                row = {k: v for k, v in jax.device_get(metrics).items() if k != "finite"}
-                # one batch's loss is noisy on a mixed corpus; the interval mean is the curve
-                row.update(loss_avg=(float(np.mean(interval_losses)) if interval_losses
-                                     else float("nan")),
-                           tokens_per_s=tok_s,
-                           mfu=tok_s * flops_per_token / (peak * jax.device_count()),
-                           **{f"data_{k}": v for k, v in source.stats().items()})
-                writer.write(step, row)
-                last_log, last_log_step, interval_losses = now, step, []
-                if bar is not None:
-                    bar.set_postfix(loss=f"{row['loss_avg']:.3f}", lr=f"{row['lr']:.2e}",
-                                    tok_s=f"{tok_s:.0f}")
-            if bar is not None:
-                bar.update(1)
-            if stop["signal"] is not None:
-                save(step)
-                preempted = True
-                break
-            if step % t.checkpoint_every == 0 or step == total:
-                save(step)
-        if pending is not None:
-            in_a_row, last_loss = _check(pending, in_a_row, t.max_nonfinite_in_a_row)
     finally:
-        signal.signal(signal.SIGTERM, previous_handler)
         if bar is not None:
             bar.close()
         ckpts.close()
         writer.close()
+    stopped_by = None if interrupts.signal is None else signal.Signals(interrupts.signal).name
+    preempted = stopped_by is not None
     model_dir = None
     if not preempted and jax.process_count() == 1:
         # the trained model as an mcpm checkpoint (tokenizer included): mcpm generate, convert
@@ -223,7 +283,8 @@ def train(cfg: Config, *, data=None, progress: bool = True) -> dict:
         plot = str(plot_metrics(run_dir / "metrics.jsonl", run_dir / "loss.png",
                                 f"{run_dir.name}: {model_cfg.num_params() / 1e6:.1f}M parameters"))
     summary = {"run_dir": str(run_dir), "step": step, "loss": last_loss, "preempted": preempted,
-               "note": note, "plot": plot, "checkpoints": ckpts.steps(), "model": model_dir}
+               "signal": stopped_by, "note": note, "plot": plot, "checkpoints": ckpts.steps(),
+               "model": model_dir}
     if is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary

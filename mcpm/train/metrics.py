@@ -4,21 +4,46 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 
 class MetricsWriter:
-    """Appends ``{"step": ..., **metrics}`` lines and TensorBoard scalars (process 0 only)."""
+    """Appends ``{"step": ..., **metrics}`` lines and TensorBoard scalars (process 0 only).
 
-    def __init__(self, workdir: str | Path, enabled: bool = True, tensorboard: bool = True):
+    ``resume_step``: the step the run (re)starts from. Rows and events logged after it by an
+    earlier attempt describe steps that are about to be run again, so they are dropped: the
+    jsonl keeps one row per step, and TensorBoard purges the events from that step on.
+    """
+
+    def __init__(self, workdir: str | Path, enabled: bool = True, tensorboard: bool = True,
+                 resume_step: int = 0):
         self.path = Path(workdir) / "metrics.jsonl"
         self.enabled = enabled
         self._tb = None
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._drop_rows_after(resume_step)
             if tensorboard:
                 from tensorboardX import SummaryWriter
-                self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+                self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"),
+                                         purge_step=resume_step + 1)
+
+    def _drop_rows_after(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        lines = self.path.read_text().splitlines(keepends=True)
+        keep = []
+        for line in lines:
+            try:
+                if int(json.loads(line)["step"]) <= step:
+                    keep.append(line if line.endswith("\n") else line + "\n")
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                continue  # a torn line of a killed run
+        if len(keep) != len(lines):
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(keep))
+            os.replace(tmp, self.path)
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:
