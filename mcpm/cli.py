@@ -189,6 +189,20 @@ def cmd_generate(args) -> int:
 TRAIN_ALIASES = ("workdir", "steps", "decay_from", "decay_steps")
 
 
+def _load_train_config(args):
+    """``args.config`` with the train overrides; errors quote the overrides as typed."""
+    from mcpm.config import ConfigError, load_config
+    typed = _overrides_and_extras(args.overrides)
+    try:
+        return load_config(args.config, _train_overrides(typed))
+    except ConfigError as e:
+        message = str(e)
+        for item in typed:
+            if item.split("=", 1)[0] in TRAIN_ALIASES:
+                message = message.replace(f"override train.{item}", f"override {item}")
+        raise ConfigError(message) from None
+
+
 def _train_overrides(items: list[str]) -> list[str]:
     out = []
     for item in _overrides_and_extras(items):
@@ -227,10 +241,9 @@ def cmd_train(args) -> int:
 
 def _train(args) -> tuple[int, dict | None]:
     """(exit status, the run's summary or None)."""
-    from mcpm.config import load_config
     from mcpm.train.loop import TrainingError, train
 
-    cfg = load_config(args.config, _train_overrides(args.overrides))
+    cfg = _load_train_config(args)
     init_distributed(args)
     try:
         summary = train(cfg, progress=not args.no_progress, reinit=args.reinit,
@@ -252,10 +265,9 @@ def _train(args) -> tuple[int, dict | None]:
 
 
 def cmd_aot(args) -> int:
-    from mcpm.config import load_config
     from mcpm.train.aot import compile_train_step, format_report
 
-    cfg = load_config(args.config, _train_overrides(args.overrides))
+    cfg = _load_train_config(args)
     batch = args.batch_size or cfg.data.batch_size
     seq_len = args.seq_len or cfg.data.seq_len
     report = compile_train_step(cfg, args.topology, batch, seq_len)
@@ -280,9 +292,8 @@ def cmd_demo(args) -> int:
                             restart_data=False))
     if rc or summary["preempted"]:
         return rc
-    from mcpm.config import load_config
     from mcpm.train.loop import run_layout
-    run_dir = run_layout(load_config(args.config, _train_overrides(args.overrides)))[0]
+    run_dir = run_layout(_load_train_config(args))[0]
     print("== exporting the trained model to the official Hugging Face format")
     cmd_convert_to_hf(ns(src=str(run_dir / "model"), out=str(run_dir / "hf"), dtype="keep",
                          max_shard_size="5GB", overwrite=True))

@@ -117,6 +117,8 @@ CASES = [
     (["config", "show", TINY, "seed=1", "model.hidden_size=abc"],
      r"mcpm config show: error: override model\.hidden_size=abc: model\.hidden_size: expected an "
      r"integer, got 'abc'"),
+    (["train", TINY, "workdir={ws}/run", "steps=abc"],   # the alias as typed
+     r"mcpm train: error: override steps=abc: train\.steps: expected an integer, got 'abc'"),
     (["generate", "{ws}/hf", "model.hidden_size=64"],
      r"mcpm generate: error: only \['model\.compute_dtype', 'model\.param_dtype'\] can be "
      r"overridden for a trained checkpoint, not \['model\.hidden_size'\]"),

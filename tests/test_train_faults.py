@@ -53,13 +53,17 @@ def straight(tmp_path_factory):
 
 
 def test_signals_at_any_step_save_and_the_run_resumes_identically(tmp_path, straight):
-    out = run(tmp_path, signals={2: signal.SIGTERM})
-    assert out["preempted"] and out["signal"] == "SIGTERM" and out["step"] == 3
-    assert out["checkpoints"][-1] == 3 and out["model"] is None
-    out = run(tmp_path, signals={4: signal.SIGINT})   # batch 4 of the run: step 5
-    assert out["note"] == "resumed from step 3" and out["signal"] == "SIGINT" and out["step"] == 5
+    # a SIGTERM while batch k1 is read, a Ctrl-C while batch k2 is: steps k1 + 1 and k2 + 1
+    k1 = int(np.random.default_rng().integers(0, STEPS - 3))
+    k2 = int(np.random.default_rng().integers(k1 + 1, STEPS - 1))
+    out = run(tmp_path, signals={k1: signal.SIGTERM})
+    assert out["preempted"] and out["signal"] == "SIGTERM" and out["step"] == k1 + 1, (k1, k2)
+    assert out["checkpoints"][-1] == k1 + 1 and out["model"] is None
+    out = run(tmp_path, signals={k2: signal.SIGINT})
+    assert out["note"] == f"resumed from step {k1 + 1}", (k1, k2)
+    assert out["signal"] == "SIGINT" and out["step"] == k2 + 1, (k1, k2)
     out = run(tmp_path)
-    assert out["note"] == "resumed from step 5" and out["step"] == STEPS
+    assert out["note"] == f"resumed from step {k2 + 1}" and out["step"] == STEPS
     assert_resumed_exactly(tmp_path, straight)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # handlers restored
 
