@@ -184,3 +184,20 @@ def test_public_api_switch():
     assert mcpm.infllmv2_block_mask(q, k, SMALL).shape == (1, 2, 40, 5)
     with pytest.raises(ValueError, match="implementation must be one of"):
         mcpm.infllmv2_attention(q, k, v, SMALL, implementation="fast")
+
+
+def test_the_official_sparse_config_dict_works_like_sparse_config():
+    """A config.json's ``sparse_config`` block as a plain dict, with only the official keys."""
+    import mcpm
+    q, k, v = (jnp.asarray(x) for x in rand_qkv(5, 1, 40, 4, 2, 8))
+    official = {key: getattr(SMALL, key) for key in ("kernel_size", "kernel_stride",
+                                                      "init_blocks", "block_size",
+                                                      "window_size", "topk", "use_nope",
+                                                      "dense_len")}
+    np.testing.assert_array_equal(
+        np.asarray(mcpm.infllmv2_attention(q, k, v, official, implementation="reference")),
+        np.asarray(mcpm.infllmv2_attention(q, k, v, SMALL, implementation="reference")))
+    np.testing.assert_array_equal(np.asarray(mcpm.infllmv2_block_mask(q, k, official)),
+                                  np.asarray(mcpm.infllmv2_block_mask(q, k, SMALL)))
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['top_k'\]"):
+        mcpm.infllmv2_attention(q, k, v, {**official, "top_k": 3})
