@@ -52,7 +52,17 @@ def straight(tmp_path_factory):
     return losses(workdir)
 
 
-def test_signals_at_any_step_save_and_the_run_resumes_identically(tmp_path, straight):
+@pytest.fixture
+def ctrl_c_enabled():
+    """SIGINT handled as in a terminal (pytest-xdist workers ignore it, and the loop leaves an
+    ignored SIGINT ignored)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_signals_at_any_step_save_and_the_run_resumes_identically(tmp_path, straight,
+                                                                 ctrl_c_enabled):
     # a SIGTERM while batch k1 is read, a Ctrl-C while batch k2 is: steps k1 + 1 and k2 + 1
     k1 = int(np.random.default_rng().integers(0, STEPS - 3))
     k2 = int(np.random.default_rng().integers(k1 + 1, STEPS - 1))

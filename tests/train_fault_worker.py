@@ -18,6 +18,7 @@ from mcpm.train import checkpoints  # noqa: E402
 from mcpm.train.loop import train  # noqa: E402
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)   # as in a terminal
     workdir, steps, mode, at = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
     cfg = config(workdir, f"train.steps={steps}")
     signals = None

@@ -91,6 +91,8 @@ class _Interrupts:
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
+                if signal.getsignal(sig) is signal.SIG_IGN:
+                    continue  # e.g. SIGINT in a background job: whoever ignored it meant it
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
