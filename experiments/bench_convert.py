@@ -1,5 +1,5 @@
-"""Peak memory of ``mcpm convert`` against the checkpoint's size (issue requirement: converting
-must not hold two copies in memory; peak RSS at most 1.3x the checkpoint's size).
+"""Peak memory of ``mcpm convert`` against the checkpoint's size (the target: converting never
+holds two copies in memory; peak RSS at most 1.3x the checkpoint's size).
 
 Usage::
 

@@ -41,7 +41,6 @@ import json
 import math
 import re
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -51,12 +50,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from kernels.dense_attention.xla import dense_attention_xla  # noqa: E402
-from kernels.infllmv2.xla import attention_xla, select_block_lists_tiled  # noqa: E402
 from mcpm.config import SparseConfig  # noqa: E402
+from mcpm_kernels.dense_attention.xla import dense_attention_xla  # noqa: E402
+from mcpm_kernels.infllmv2.xla import attention_xla, select_block_lists_tiled  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
 
 NQ, NKV, D = 32, 2, 128
 OFFICIAL = SparseConfig(kernel_size=32, kernel_stride=16, init_blocks=1, block_size=64,
@@ -280,7 +278,7 @@ def build_report(data: dict, plot_name: str) -> str:
         lines.append(f"| {t // 1024}K | {m(df, 'temp_bytes')} | {m(sf, 'temp_bytes')} | "
                      f"{m(sf, 'peak_bytes')} | {m(sb, 'temp_bytes')} | {m(sb, 'peak_bytes')} | "
                      f"{per_t} | {big} |")
-    lines += ["", f"![time and memory vs length]({plot_name})", "", "## Targets (issue 3)", ""]
+    lines += ["", f"![time and memory vs length]({plot_name})", "", "## Targets", ""]
     lines += targets(get, lengths)
     return "\n".join(lines) + "\n"
 

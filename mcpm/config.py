@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import json
 import math
 import types
 import typing
@@ -104,14 +103,26 @@ class SparseConfig:
 
 DTypeName = Literal["float32", "bfloat16", "float16"]
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
+AttentionImpl = Literal["auto", "einsum", "flash", "cudnn", "splash"]
+SparseAttentionImpl = Literal["auto", "xla", "pallas"]
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """A MiniCPM4 model. Field names follow the official HF ``config.json`` where one exists.
 
-    The mcpm-only fields (``param_dtype``, ``compute_dtype``, ``remat``, ``mup_scale_embedding``)
-    say how to run the model, not what it is, and never reach a config.json.
+    The mcpm-only fields (``param_dtype``, ``compute_dtype``, ``remat``, ``mup_scale_embedding``,
+    ``attention_impl``, ``sparse_attention_impl``) say how to run the model, not what it is, and
+    never reach a config.json.
+
+    ``attention_impl`` picks the dense attention of calls without a KV cache:
+    ``einsum`` (the whole score array; short sequences), ``flash`` (tiled online softmax in
+    plain JAX, memory linear in T, every backend), ``cudnn`` (NVIDIA GPUs, bfloat16/float16,
+    calls without segment ids), ``splash`` (the Pallas TPU kernel), or ``auto``: on CPU einsum
+    up to 64 keys and flash beyond, on GPU cudnn where it applies and flash otherwise (packed
+    rows, float32), on TPU splash. ``sparse_attention_impl`` picks InfLLM v2's: ``xla``
+    (gathered plain JAX), ``pallas`` (TPU kernels; interpreted on CPU, refused on GPU) or
+    ``auto`` (pallas on TPU, xla elsewhere). See :mod:`mcpm.model.attention`.
     """
 
     vocab_size: int = 73448
@@ -137,8 +148,16 @@ class ModelConfig:
     compute_dtype: DTypeName = "float32"
     remat: RematPolicy = "none"
     mup_scale_embedding: bool = False
+    attention_impl: AttentionImpl = "auto"
+    sparse_attention_impl: SparseAttentionImpl = "auto"
 
     def __post_init__(self):
+        for name, tp in (("attention_impl", AttentionImpl),
+                         ("sparse_attention_impl", SparseAttentionImpl)):
+            choices = typing.get_args(tp)
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"model.{name}: {getattr(self, name)!r} is not one of "
+                                  f"{list(choices)}" + _suggest(str(getattr(self, name)), choices))
         positive = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                     "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
                     "rope_theta", "rms_norm_eps", "dim_model_base", "initializer_range")

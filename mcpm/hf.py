@@ -10,7 +10,6 @@ half-done: outputs are assembled in a temporary directory and renamed into place
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import struct
 import sys

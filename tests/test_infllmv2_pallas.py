@@ -6,7 +6,6 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 import mcpm
