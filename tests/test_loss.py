@@ -37,3 +37,52 @@ def test_all_masked_batch_gives_zero_not_nan():
     loss, metrics = cross_entropy(jnp.zeros((1, 4, 5)), jnp.zeros((1, 4), jnp.int32),
                                   jnp.zeros((1, 4)))
     assert float(loss) == 0.0 and float(metrics["tokens"]) == 0.0
+
+
+def test_chunked_sums_equal_the_whole_sequence_values_and_gradients():
+    """T = 45 in chunks of 8 (a ragged last chunk): the same sums, and the same gradients for the
+    hidden states and the head's weights, as the logits of the whole sequence at once."""
+    from mcpm.train.loss import chunked_cross_entropy_sums, cross_entropy_sums
+    rng = np.random.default_rng(1)
+    b, t, h, v = 2, 45, 16, 53
+    hidden = jnp.asarray(rng.standard_normal((b, t, h)), jnp.float32)
+    w_head = jnp.asarray(rng.standard_normal((h, v)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, v, (b, t)))
+    weights = jnp.asarray((rng.random((b, t)) > 0.2).astype(np.float32))
+
+    def loss(fn, hid, w):
+        sums = fn(hid, w)
+        return sums["nll"] + 1e-3 * sums["z"], sums
+
+    whole = lambda hid, w: cross_entropy_sums(hid @ w, targets, weights)
+    chunked = lambda hid, w: chunked_cross_entropy_sums(hid, lambda x: x @ w, targets, weights, 8)
+    (_, ref), g_ref = jax.value_and_grad(loss, (1, 2), has_aux=True)(whole, hidden, w_head)
+    (_, out), g_out = jax.value_and_grad(loss, (1, 2), has_aux=True)(chunked, hidden, w_head)
+    # sums of B x T terms taken in 6 partial sums instead of one: float32 reassociation
+    rtol = 8 * np.finfo(np.float32).eps * 6
+    for key in ("nll", "z", "tokens"):
+        np.testing.assert_allclose(float(out[key]), float(ref[key]), rtol=rtol)
+    for g, r in zip(g_out, g_ref):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5,
+                                   atol=rtol * float(np.abs(r).max()))
+
+
+def test_chunked_loss_never_holds_the_whole_logits():
+    """Compiled memory of the gradient: the whole-sequence loss needs at least one [B, T, V]
+    float32 array; the chunked one a few [B, chunk, V] ones (logits and their gradient of the
+    piece being processed), whatever T."""
+    from mcpm.train.loss import chunked_cross_entropy_sums, cross_entropy_sums
+    b, t, h, v, chunk = 2, 1024, 32, 8192, 64
+    args = (jax.ShapeDtypeStruct((b, t, h), jnp.float32), jax.ShapeDtypeStruct((h, v), jnp.float32),
+            jax.ShapeDtypeStruct((b, t), jnp.int32), jax.ShapeDtypeStruct((b, t), jnp.float32))
+
+    def temp_bytes(fn):
+        grad = jax.grad(lambda hid, w, tg, wt: fn(hid, w, tg, wt)["nll"], (0, 1))
+        return jax.jit(grad).trace(*args).lower().compile().memory_analysis().temp_size_in_bytes
+
+    logits_bytes = b * t * v * 4
+    whole = temp_bytes(lambda hid, w, tg, wt: cross_entropy_sums(hid @ w, tg, wt))
+    chunked = temp_bytes(lambda hid, w, tg, wt: chunked_cross_entropy_sums(
+        hid, lambda x: x @ w, tg, wt, chunk))
+    assert whole >= logits_bytes
+    assert chunked < 4 * b * chunk * v * 4, (chunked, whole, logits_bytes)   # measured: 2.4
