@@ -1,13 +1,23 @@
 """Compile-level properties of the model: the full-size configs compile quickly through the
-layer scan, and bfloat16 compute does not make a bfloat16 copy of the whole model."""
+layer scan, bfloat16 compute does not make a bfloat16 copy of the whole model, and generation
+compiles once per shape."""
+import contextlib
 import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+import mcpm
 from mcpm.config import load_config
 from mcpm.model import MiniCPM4
+
+# recorded by JAX whenever a function is traced, lowered or compiled (a persistent compilation
+# cache hit still traces and lowers)
+COMPILE_EVENTS = {"/jax/core/compile/jaxpr_trace_duration",
+                  "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                  "/jax/core/compile/backend_compile_duration"}
 
 
 def compile_forward(cfg, t=128):
@@ -44,3 +54,40 @@ def test_every_parameter_has_logical_axes_matching_its_rank():
     assert tuple(specs["k"]) == ("layers", "embed", "kv_heads", "head_dim")
     assert tuple(specs["embed"]) == ("vocab", "embed")
     assert tuple(specs["down"]) == ("layers", "mlp", "embed")
+
+
+@contextlib.contextmanager
+def compile_events():
+    seen = []
+
+    def listener(event, duration, **kwargs):
+        if event in COMPILE_EVENTS:
+            seen.append(event)
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield seen
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def test_generation_compiles_nothing_for_a_shape_it_has_run():
+    """Once a batch and cache size have run, generating again (other prompts of the same padded
+    width, another seed, other eos ids, another max_new_tokens within the same cache size,
+    another stream chunking) traces and compiles nothing at all, host-side setup included."""
+    cfg = load_config("configs/tiny.yaml", ["model.num_hidden_layers=2"]).model
+    model = MiniCPM4(cfg, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(11)
+    prompts = lambda: rng.integers(3, cfg.vocab_size, (2, 5)).astype(np.int32)
+    sampled = dict(temperature=0.9, top_k=40, top_p=0.95)
+    with compile_events() as first:
+        mcpm.generate(model, prompts(), 10, eos_token_id=[7, 9], **sampled)
+        list(mcpm.stream_generate(model, prompts(), 10, eos_token_id=[7, 9], chunk_size=4,
+                                  **sampled))
+    assert first                                        # the listener does see compiles
+    with compile_events() as again:
+        mcpm.generate(model, prompts(), 10, eos_token_id=[7, 9], **sampled)
+        mcpm.generate(model, prompts(), 50, eos_token_id=[5, 3], seed=4, **sampled)
+        for chunk in (1, 7, None):
+            list(mcpm.stream_generate(model, prompts(), 30, eos_token_id=[7, 9],
+                                      chunk_size=chunk, **sampled))
+    assert again == []
