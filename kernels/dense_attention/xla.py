@@ -56,6 +56,30 @@ def _mask(i, j, tq, tk, g, seg_q, seg_k, causal: bool):
     return mask
 
 
+def _online_init(b, kv, r, d):
+    """Running max, sum and unnormalised output of ``r`` rows before any key."""
+    return (jnp.full((b, kv, r), _NEG, jnp.float32), jnp.zeros((b, kv, r), jnp.float32),
+            jnp.zeros((b, kv, r, d), jnp.float32))
+
+
+def _online_update(carry, s_bkrs, v_bksd):
+    """One key chunk of the online softmax: masked scores are -inf."""
+    m, l, acc = carry
+    m_new = jnp.maximum(m, s_bkrs.max(axis=-1))
+    p = jnp.exp(s_bkrs - m_new[..., None])
+    alpha = jnp.exp(m - m_new)
+    l = l * alpha + p.sum(axis=-1)
+    acc = acc * alpha[..., None] + jnp.einsum("bkrs,bksd->bkrd", p, v_bksd)
+    return m_new, l, acc
+
+
+def _online_finish(m, l, acc):
+    """(normalised output, log-sum-exp); rows that saw no key give 0 and +inf."""
+    out = acc / jnp.where(l > 0, l, 1.0)[..., None]
+    lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), jnp.inf)
+    return out, lse
+
+
 def _forward(q_bkrd, k_bksd, v_bksd, seg_bt, tq, tk, g):
     """Output ``[B, K, T*G, D]`` (unnormalised rows of empty queries are 0) and the row
     log-sum-exp ``[B, K, T*G]`` (+inf for rows that see no key)."""
@@ -72,27 +96,17 @@ def _forward(q_bkrd, k_bksd, v_bksd, seg_bt, tq, tk, g):
         seg_q = None if seg_bt is None else jax.lax.dynamic_slice_in_dim(seg_bt, i * tq, tq, 1)
 
         def step(j, carry, causal):
-            m, l, acc = carry
             s = _scores(q_i, key_slice(k_bksd, j))
             seg_k = None if seg_bt is None else jax.lax.dynamic_slice_in_dim(seg_bt, j * tk, tk, 1)
             mask = _mask(i, j, tq, tk, g, seg_q, seg_k, causal)
             if mask is not None:
                 s = jnp.where(mask, s, -jnp.inf)
-            m_new = jnp.maximum(m, s.max(axis=-1))
-            p = jnp.exp(s - m_new[..., None])
-            alpha = jnp.exp(m - m_new)
-            l = l * alpha + p.sum(axis=-1)
-            acc = acc * alpha[..., None] + jnp.einsum("bkrs,bksd->bkrd", p, key_slice(v_bksd, j))
-            return m_new, l, acc
+            return _online_update(carry, s, key_slice(v_bksd, j))
 
-        carry = (jnp.full((b, kv, r), _NEG, jnp.float32), jnp.zeros((b, kv, r), jnp.float32),
-                 jnp.zeros((b, kv, r, d), jnp.float32))
         j_diag = (i * tq) // tk
-        carry = jax.lax.fori_loop(0, j_diag, functools.partial(step, causal=False), carry)
-        m, l, acc = step(j_diag, carry, causal=True)
-        out = acc / jnp.where(l > 0, l, 1.0)[..., None]
-        lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), jnp.inf)
-        return out, lse
+        carry = jax.lax.fori_loop(0, j_diag, functools.partial(step, causal=False),
+                                  _online_init(b, kv, r, d))
+        return _online_finish(*step(j_diag, carry, causal=True))
 
     out, lse = jax.lax.map(one_q_chunk, jnp.arange(nq))                # [nq, B, K, R, (D)]
     out = out.transpose(1, 2, 0, 3, 4).reshape(b, kv, rows, d)
@@ -194,3 +208,54 @@ def dense_attention_xla(q_btnd: jax.Array, k_btkd: jax.Array, v_btkd: jax.Array,
     out = _attention(q, k, v, seg, tq, tk, g)                          # [B, K, Tp*G, D]
     out = out.reshape(b, kv, tp, g, d).transpose(0, 2, 1, 3, 4).reshape(b, tp, n, d)[:, :t]
     return out.astype(q_btnd.dtype)
+
+
+def cached_dense_attention_xla(q_btnd: jax.Array, k_bksd: jax.Array, v_bksd: jax.Array,
+                               q_segment_ids_bt: jax.Array, k_segment_ids_bs: jax.Array,
+                               q_start, *, q_chunk: int = 64, k_chunk: int = 512) -> jax.Array:
+    """Forward only: T queries at slots ``q_start ..`` over the S slots of a head-major KV cache
+    ``[B, K, S, D]`` (a prefill), in tiles with an online softmax, never a ``[T, S]`` array.
+
+    A key slot s is visible to the query in slot q iff ``s <= q``, the segment ids are equal and
+    nonzero (0 = empty or padding slot). ``q_start`` may be traced; each query chunk visits only
+    the key chunks up to its last slot. Keys and values are read in their dtype and converted
+    chunk by chunk (no float32 copy of the cache). Rows that see no key give zeros.
+    """
+    b, t, n, d = q_btnd.shape
+    kv, s_len = k_bksd.shape[1], k_bksd.shape[2]
+    g = n // kv
+    tq = min(q_chunk, _round_up(t, 8))
+    tp = _round_up(t, tq)
+    tk = min(k_chunk, s_len)
+    nk = -(-s_len // tk)
+    r = tq * g
+    q = jnp.pad(q_btnd.astype(jnp.float32) / math.sqrt(d), ((0, 0), (0, tp - t), (0, 0), (0, 0)))
+    q = q.reshape(b, tp, kv, g, d).transpose(0, 2, 1, 3, 4).reshape(b, kv, tp * g, d)
+    seg_q = jnp.pad(q_segment_ids_bt.astype(jnp.int32), ((0, 0), (0, tp - t)))
+    seg_k = k_segment_ids_bs.astype(jnp.int32)
+    q_start = jnp.asarray(q_start, jnp.int32)
+
+    def one_q_chunk(i):
+        q_i = jax.lax.dynamic_slice_in_dim(q, i * r, r, axis=2)
+        sq = jnp.repeat(jax.lax.dynamic_slice_in_dim(seg_q, i * tq, tq, 1), g, axis=1)  # [B, R]
+        qpos = q_start + i * tq + jnp.arange(r) // g
+        last = jnp.minimum((q_start + (i + 1) * tq - 1) // tk, nk - 1)
+
+        def step(j, carry):
+            # the last chunk is clamped inside the cache; keys an earlier chunk had are masked
+            k0 = jnp.minimum(j * tk, s_len - tk)
+            kpos = k0 + jnp.arange(tk)
+            sk = jax.lax.dynamic_slice_in_dim(seg_k, k0, tk, 1)
+            k_j = jax.lax.dynamic_slice_in_dim(k_bksd, k0, tk, axis=2).astype(jnp.float32)
+            v_j = jax.lax.dynamic_slice_in_dim(v_bksd, k0, tk, axis=2).astype(jnp.float32)
+            visible = (kpos[None, :] <= qpos[:, None]) & (kpos >= j * tk)[None, :]
+            same = (sq[:, :, None] == sk[:, None, :]) & (sk[:, None, :] != 0)
+            s = jnp.where((visible[None] & same)[:, None], _scores(q_i, k_j), -jnp.inf)
+            return _online_update(carry, s, v_j)
+
+        carry = jax.lax.fori_loop(0, last + 1, step, _online_init(b, kv, r, d))
+        return _online_finish(*carry)[0]
+
+    out = jax.lax.map(one_q_chunk, jnp.arange(tp // tq))              # [nq, B, K, R, D]
+    out = out.transpose(1, 2, 0, 3, 4).reshape(b, kv, tp, g, d).transpose(0, 2, 1, 3, 4)
+    return out.reshape(b, tp, n, d)[:, :t].astype(q_btnd.dtype)

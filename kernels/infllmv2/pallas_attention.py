@@ -209,6 +209,10 @@ def attention_pallas(q_btnd: jax.Array, k_btkd: jax.Array, v_btkd: jax.Array, cf
     if cfg.dense_len != -1 and t < cfg.dense_len:
         return attention_reference(q_btnd, k_btkd, v_btkd, cfg, segment_ids_bt)
     interpret = default_interpret() if interpret is None else interpret
+    if not interpret and jax.default_backend() == "gpu":
+        # Mosaic TPU kernels: on a GPU they fail deep inside Pallas with a bare AssertionError
+        raise ValueError("the InfLLM v2 Pallas kernels are TPU (Mosaic) kernels and do not run "
+                         "on a GPU: use implementation='xla'")
     idx, valid = select_block_lists_pallas(q_btnd, k_btkd, cfg, chunk=select_chunk,
                                            k_for_scoring_btkd=k_for_scoring_btkd,
                                            interpret=interpret)
