@@ -17,7 +17,7 @@ from mcpm import generation as gen_mod
 from mcpm.config import ModelConfig, SparseConfig
 from mcpm.generation import stream_generate
 from mcpm.model import KVCache, MiniCPM4, minicpm4
-from mcpm.model.attention import dense_attention
+from mcpm.model.attention import attention_mask, dense_attention
 from mcpm_kernels.infllmv2.decode import (append_keys, compressed_cache_sizes,
                                           select_from_kernel_cache)
 from mcpm_kernels.infllmv2.reference import (block_mask, coarse_kernel_sizes, compress_keys,
@@ -43,9 +43,13 @@ def attention_switched_per_position(use_sparse_bt):
     the seam itself is InfLLM v2 for every position)."""
     original = minicpm4.attention
 
-    def switched(q, k, v, mask, cfg, segment_ids=None, k_pre_rope_btkd=None):
-        sparse = original(q, k, v, mask, cfg, segment_ids, k_pre_rope_btkd)
-        return jnp.where(use_sparse_bt[:, :, None, None], sparse, dense_attention(q, k, v, mask))
+    def switched(q, k, v, cfg, segment_ids=None, k_pre_rope_btkd=None):
+        sparse = original(q, k, v, cfg, segment_ids, k_pre_rope_btkd)
+        b, t = q.shape[:2]
+        slot = jnp.broadcast_to(jnp.arange(t), (b, t))
+        seg = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids
+        dense = dense_attention(q, k, v, attention_mask(slot, seg, slot, seg))
+        return jnp.where(use_sparse_bt[:, :, None, None], sparse, dense)
 
     minicpm4.attention = switched
     try:

@@ -7,19 +7,131 @@ cache-less call, over the KV cache and its compressed keys in a cached one (pref
 InfLLM v2's blocks and kernels count from each row's first real token, so left padding does not
 change a row's outputs.
 
+Implementations (``ModelConfig.attention_impl`` / ``sparse_attention_impl``, resolved per call
+at trace time for the platform the program is traced for, see :func:`target_platform`):
+
+* dense, cache-less: ``einsum`` (the whole ``[B, K, G, T, S]`` score array; short sequences),
+  ``flash`` (tiled online softmax in plain JAX, memory linear in T, any backend), ``cudnn``
+  (NVIDIA GPUs; one causal sequence per row, bfloat16/float16), ``splash`` (Pallas, TPU).
+  ``auto``: CPU einsum up to :data:`EINSUM_MAX_KEYS` keys, flash beyond; GPU cudnn where it
+  applies (no segment ids, a dtype and head dim it takes), else flash; TPU splash.
+* dense over a KV cache: einsum for decode and prefills of up to :data:`PREFILL_EINSUM_MAX_QUERIES`
+  queries (and always with ``einsum``), else the flash forward with a query offset.
+* InfLLM v2, cache-less: ``xla`` (gathered plain JAX) or ``pallas`` (TPU kernels; interpreted on
+  CPU, refused on GPU); ``auto`` is pallas on TPU, xla elsewhere. Over a KV cache: plain JAX.
+
+Every implementation gives the same function: causal, within a segment, never a padding key
+(segment 0), zeros for rows that see no key; query head n uses kv head n // G, and no
+implementation repeats K/V heads.
+
 Mask convention (everywhere in mcpm): boolean, True = attend.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
-from mcpm.config import ModelConfig
+from mcpm.config import ConfigError, ModelConfig
+from mcpm.model.sharding_hints import hint_partition, hint_platform
+from mcpm_kernels.dense_attention import (cached_dense_attention_xla, dense_attention_cudnn,
+                                          dense_attention_splash, dense_attention_xla)
+from mcpm_kernels.dense_attention.cudnn import cudnn_unsupported
 from mcpm_kernels.infllmv2 import infllmv2_attention
 from mcpm_kernels.infllmv2.decode import cached_sparse_attention, leading_padding
+
+# auto on CPU: einsum up to this many keys, flash beyond. Measured on a 2-core CPU at the 0.5B
+# head layout (N=16, K=2, D=64, batch 2, float32), einsum vs flash forward+backward: 2.5 vs 1.9
+# ms at 64 keys, 7.5 vs 7.5 at 128, 71 vs 30 at 256, 1670 vs 350 at 1024 (forward alone:
+# flash faster from 8 keys). Below 64 keys both take a few ms, and short calls stay on the
+# same code as KV-cache decode.
+EINSUM_MAX_KEYS = 64
+# a prefill into a KV cache with more queries than this uses the flash forward (T x S scores
+# otherwise); decode and short prefills use einsum over the cache
+PREFILL_EINSUM_MAX_QUERIES = 64
+
+_TARGETS: list[tuple[str, bool]] = []
+
+
+@contextlib.contextmanager
+def attention_target(platform: str, *, interpret: bool = False):
+    """Trace the attention inside for ``platform`` (``"cpu"``, ``"gpu"``, ``"tpu"``): what
+    ``auto`` picks and what is refused. ``interpret=True`` runs the Pallas kernels (splash,
+    InfLLM v2 pallas) in the Pallas interpreter, so a TPU program runs on a CPU (tests)."""
+    _TARGETS.append((_platform_name(platform), interpret))
+    try:
+        yield
+    finally:
+        _TARGETS.pop()
+
+
+def _platform_name(platform: str) -> str:
+    return {"cuda": "gpu", "rocm": "gpu"}.get(platform, platform)
+
+
+def target_platform() -> tuple[str, bool]:
+    """(platform, interpret Pallas kernels) the attention is traced for: an enclosing
+    :func:`attention_target`, else the devices of the activation sharding hints (the mesh a
+    train step is compiled for, e.g. a TPU slice from a CPU host), else
+    ``jax.default_backend()``. Pallas kernels are interpreted on a CPU."""
+    if _TARGETS:
+        return _TARGETS[-1]
+    platform = _platform_name(hint_platform() or jax.default_backend())
+    return platform, platform == "cpu"
+
+
+def dense_implementation(cfg: ModelConfig, *, key_len: int, packed: bool, dtype) -> str:
+    """The dense implementation of a cache-less call with ``key_len`` keys (``packed``: the call
+    has segment ids) in ``dtype``: ``cfg.attention_impl``, with ``auto`` resolved for the target
+    platform. A combination that cannot run is a :class:`ConfigError` saying what to use."""
+    impl = cfg.attention_impl
+    platform, _ = target_platform()
+    cudnn_why = cudnn_unsupported(dtype, cfg.head_dim)
+    if impl == "auto":
+        if platform == "tpu":
+            return "splash"
+        if platform == "gpu":
+            return "flash" if packed or cudnn_why else "cudnn"
+        return "einsum" if key_len <= EINSUM_MAX_KEYS else "flash"
+    if impl == "cudnn":
+        if platform != "gpu":
+            raise ConfigError(f"model.attention_impl=cudnn needs an NVIDIA GPU, but the program "
+                              f"is traced for {platform}: use model.attention_impl=flash (or "
+                              "auto)")
+        if packed:
+            raise ConfigError(
+                "model.attention_impl=cudnn cannot take segment ids (packed documents or padding): "
+                "cuDNN's public attention API has none, and dropping them would attend across "
+                "documents. Use model.attention_impl=flash, or auto (cuDNN for calls without "
+                "segment ids, flash for the others)")
+        if cudnn_why:
+            fix = ("set model.compute_dtype=bfloat16" if "bfloat16" in cudnn_why
+                   else "use a supported head dim")
+            raise ConfigError(f"model.attention_impl=cudnn: {cudnn_why}; {fix}, or use "
+                              "model.attention_impl=flash (or auto)")
+    if impl == "splash" and platform != "tpu":
+        raise ConfigError(f"model.attention_impl=splash is a TPU (Pallas Mosaic) kernel, but the "
+                          f"program is traced for {platform}: use model.attention_impl=flash "
+                          f"(or auto{', or cudnn' if platform == 'gpu' else ''})")
+    return impl
+
+
+def sparse_implementation(cfg: ModelConfig) -> tuple[str, bool]:
+    """(InfLLM v2 implementation, interpret) of a cache-less call: ``cfg.sparse_attention_impl``
+    with ``auto`` resolved (pallas on TPU, xla elsewhere); pallas on a GPU is a ConfigError."""
+    impl = cfg.sparse_attention_impl
+    platform, interpret = target_platform()
+    if impl == "auto":
+        impl = "pallas" if platform == "tpu" else "xla"
+    if impl == "pallas" and platform == "gpu":
+        raise ConfigError("model.sparse_attention_impl=pallas runs TPU (Pallas Mosaic) kernels, "
+                          "which do not compile for a GPU: use model.sparse_attention_impl=xla "
+                          "(or auto)")
+    return impl, interpret
 
 
 def attention_mask(q_slot_bt: jax.Array, q_seg_bt: jax.Array,
@@ -94,32 +206,52 @@ def _roll_rows(x_bt: jax.Array, shift_b: jax.Array) -> jax.Array:
     return jax.vmap(lambda row, s: jnp.roll(row, -s, axis=0))(x_bt, shift_b)
 
 
-_DENSE_CHUNK = 64
+def _per_shard(fn, q_btnd: jax.Array, k_btkd: jax.Array, *rest):
+    """``fn(q, k, *rest)`` (``rest``: ``[B, T, K, D]`` or ``[B, T]`` arrays, or None) once per
+    shard of the activation hints' mesh. XLA cannot partition a Mosaic kernel, so under a
+    multi-device mesh it runs in a shard_map: rows split as the batch is, heads as the query and
+    kv heads both are (else whole: a shard's query heads must map onto its own kv heads), the
+    sequence whole. Outside a hint context or on one device: ``fn`` as it is."""
+    part = hint_partition([(q_btnd.shape, ("batch", "length", "heads", "head_dim")),
+                           (k_btkd.shape, ("batch", "length", "kv_heads", "head_dim"))])
+    if part is None:
+        return fn(q_btnd, k_btkd, *rest)
+    mesh, (q_spec, k_spec) = part
+    at = lambda spec, i: spec[i] if i < len(spec) else None
+    batch = at(q_spec, 0)
+    heads = at(q_spec, 2) if at(q_spec, 2) == at(k_spec, 2) else None
+    heads_spec = PartitionSpec(batch, None, heads, None)
+    present = [x for x in rest if x is not None]
+    specs = [heads_spec if x.ndim == 4 else PartitionSpec(batch, None) for x in present]
+
+    def per_shard(q, k, *present):
+        it = iter(present)
+        return fn(q, k, *(None if x is None else next(it) for x in rest))
+
+    return jax.shard_map(per_shard, mesh=mesh, in_specs=(heads_spec, heads_spec, *specs),
+                         out_specs=heads_spec, check_vma=False)(q_btnd, k_btkd, *present)
 
 
-def _dense_in_chunks(attend, q_btnd: jax.Array, q_seg_bt: jax.Array, q_start,
-                     k_seg_bs: jax.Array, chunk: int = _DENSE_CHUNK) -> jax.Array:
-    """Dense attention ``attend(q_chunk, mask_chunk)`` over query chunks (queries in slots
-    ``q_start ..``), each chunk making its own ``[chunk, S]`` mask from the segment ids and
-    rematerialised in the backward pass: memory O(chunk x S), never a ``[T, S]`` array. For the
-    dense branch that a long call compiles next to InfLLM v2 but may never run."""
-    b, t, n, d = q_btnd.shape
-    s_len = k_seg_bs.shape[1]
-    k_slot = jnp.broadcast_to(jnp.arange(s_len, dtype=jnp.int32), (b, s_len))
-    nc = -(-t // chunk)
-    pad = nc * chunk - t
-    q = jnp.pad(q_btnd, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, nc, chunk, n, d)
-    seg = jnp.pad(q_seg_bt, ((0, 0), (0, pad))).reshape(b, nc, chunk)
-    q_slot = jnp.broadcast_to(q_start + jnp.arange(nc * chunk, dtype=jnp.int32),
-                              (b, nc * chunk)).reshape(b, nc, chunk)
-
-    @jax.checkpoint
-    def one_chunk(args):
-        q_c, seg_c, slot_c = args
-        return attend(q_c, attention_mask(slot_c, seg_c, k_slot, k_seg_bs))
-
-    out = jax.lax.map(one_chunk, (q.swapaxes(0, 1), seg.swapaxes(0, 1), q_slot.swapaxes(0, 1)))
-    return out.swapaxes(0, 1).reshape(b, nc * chunk, n, d)[:, :t]
+def causal_attention(q_btnd: jax.Array, k_btkd: jax.Array, v_btkd: jax.Array,
+                     segment_ids_bt: jax.Array | None, cfg: ModelConfig) -> jax.Array:
+    """Dense causal attention of a cache-less call (queries and keys in the same T slots) with
+    the implementation :func:`dense_implementation` picks. ``segment_ids_bt``: packed documents
+    (0 = padding), or None for one sequence per row."""
+    b, t = q_btnd.shape[:2]
+    impl = dense_implementation(cfg, key_len=k_btkd.shape[1], packed=segment_ids_bt is not None,
+                                dtype=q_btnd.dtype)
+    if impl == "flash":
+        return dense_attention_xla(q_btnd, k_btkd, v_btkd, segment_ids_bt)
+    if impl == "cudnn":
+        return dense_attention_cudnn(q_btnd, k_btkd, v_btkd)
+    if impl == "splash":
+        interpret = target_platform()[1]
+        return _per_shard(lambda q, k, v, seg: dense_attention_splash(q, k, v, seg,
+                                                                      interpret=interpret),
+                          q_btnd, k_btkd, v_btkd, segment_ids_bt)
+    slot = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    seg = jnp.ones((b, t), jnp.int32) if segment_ids_bt is None else segment_ids_bt
+    return dense_attention(q_btnd, k_btkd, v_btkd, attention_mask(slot, seg, slot, seg))
 
 
 def _infllm_from_first_token(q_btnd, k_bskd, v_bskd, cfg, segment_ids_bt, k_pre_rope_btkd):
@@ -132,10 +264,15 @@ def _infllm_from_first_token(q_btnd, k_bskd, v_bskd, cfg, segment_ids_bt, k_pre_
     this is the InfLLM call as it is.
     """
     sparse_cfg = cfg.sparse_config
+    impl, interpret = sparse_implementation(cfg)
 
     def infllm(q, k, v, seg, k_pre):
-        return infllmv2_attention(q, k, v, sparse_cfg, implementation="xla", segment_ids=seg,
-                                  scoring_keys=k_pre)
+        if impl == "xla":
+            return infllmv2_attention(q, k, v, sparse_cfg, implementation="xla",
+                                      segment_ids=seg, scoring_keys=k_pre)
+        return _per_shard(lambda q, k, v, seg, k_pre: infllmv2_attention(
+            q, k, v, sparse_cfg, implementation=impl, segment_ids=seg, scoring_keys=k_pre,
+            interpret=interpret), q, k, v, seg, k_pre)
 
     plain = lambda: infllm(q_btnd, k_bskd, v_bskd, segment_ids_bt, k_pre_rope_btkd)
     if segment_ids_bt is None:
@@ -150,27 +287,27 @@ def _infllm_from_first_token(q_btnd, k_bskd, v_bskd, cfg, segment_ids_bt, k_pre_
         if sparse_cfg.dense_len in (-1, 0):
             return out
         return _per_row(t - lead >= sparse_cfg.dense_len, lambda: out,
-                        lambda: _dense_in_chunks(
-                            lambda q, mask: dense_attention(q, k_bskd, v_bskd, mask),
-                            q_btnd, segment_ids_bt, 0, segment_ids_bt))
+                        lambda: causal_attention(q_btnd, k_bskd, v_bskd, segment_ids_bt, cfg))
 
     return jax.lax.cond((lead > 0).any(), padded, plain)
 
 
-def attention(q_btnd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, mask_bts: jax.Array,
-              cfg: ModelConfig, segment_ids_bt: jax.Array | None = None,
+def attention(q_btnd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, cfg: ModelConfig,
+              segment_ids_bt: jax.Array | None = None,
               k_pre_rope_btkd: jax.Array | None = None) -> jax.Array:
-    """Pick the attention implementation for this call (shapes are static under jit).
+    """Causal self-attention of a cache-less call (shapes are static under jit).
 
-    With a ``sparse_config`` and at least ``dense_len`` keys this is InfLLM v2 (the gathered
-    plain-JAX path), which takes the documents from ``segment_ids_bt`` instead of the mask;
-    ``k_pre_rope_btkd`` are the keys it scores blocks with when ``use_nope``. Blocks and kernels
-    count from each row's first real token (leading padding does not shift them).
+    With a ``sparse_config`` and at least ``dense_len`` keys this is InfLLM v2
+    (``cfg.sparse_attention_impl``), else dense (``cfg.attention_impl``). ``segment_ids_bt``:
+    packed documents, 0 = padding (None: one sequence per row, which lets cuDNN take the call);
+    ``k_pre_rope_btkd`` are the keys InfLLM v2 scores blocks with when ``use_nope``. InfLLM's
+    blocks and kernels count from each row's first real token (leading padding does not shift
+    them).
     """
     if _needs_sparse(k_bskd.shape[1], cfg):
         return _infllm_from_first_token(q_btnd, k_bskd, v_bskd, cfg, segment_ids_bt,
                                         k_pre_rope_btkd)
-    return dense_attention(q_btnd, k_bskd, v_bskd, mask_bts)
+    return causal_attention(q_btnd, k_bskd, v_bskd, segment_ids_bt, cfg)
 
 
 class SparseCacheView(NamedTuple):
@@ -187,33 +324,41 @@ class SparseCacheView(NamedTuple):
 
 
 def cached_attention(q_btnd: jax.Array, k_lbksd: jax.Array, v_lbksd: jax.Array, layer,
-                     mask_bts: jax.Array, cfg: ModelConfig,
+                     cfg: ModelConfig, start: jax.Array, q_segment_ids_bt: jax.Array,
+                     k_segment_ids_bs: jax.Array,
                      sparse: SparseCacheView | None = None) -> jax.Array:
-    """:func:`attention` of T new queries over layer ``layer`` of the KV cache (head-major
-    ``[L, B, K, S, D]``, the new keys and values already written).
+    """:func:`attention` of T new queries in slots ``start ..`` over layer ``layer`` of the KV
+    cache (head-major ``[L, B, K, S, D]``, the new keys and values already written);
+    ``q_segment_ids_bt`` are the new queries' segment ids, ``k_segment_ids_bs`` every slot's
+    (0 = empty or padding).
 
-    Dense unless InfLLM v2 applies. The dense switch is per row: a row whose key length (its
-    real tokens up to the last new one) is below ``dense_len`` is dense, exactly the cache-less
-    dense attention; from ``dense_len`` on (always with ``dense_len = -1``) it is InfLLM v2 over
-    the cache (:func:`mcpm_kernels.infllmv2.decode.cached_sparse_attention`), which needs
+    Dense: einsum over the cache for decode and short prefills (and always with
+    ``attention_impl=einsum``), else the flash forward with a query offset, never a ``[T, S]``
+    score array. cuDNN and splash take no query offset, so they are not used here. InfLLM v2
+    applies per row: a row whose key length (its real tokens up to the last new one) is below
+    ``dense_len`` is dense, exactly the cache-less dense attention; from ``dense_len`` on
+    (always with ``dense_len = -1``) it is InfLLM v2 over the cache
+    (:func:`mcpm_kernels.infllmv2.decode.cached_sparse_attention`, plain JAX), which needs
     ``sparse``, the compressed keys.
     """
-    def dense_layer(q, mask):
-        k = jax.lax.dynamic_index_in_dim(k_lbksd, layer, keepdims=False).astype(q_btnd.dtype)
-        v = jax.lax.dynamic_index_in_dim(v_lbksd, layer, keepdims=False).astype(q_btnd.dtype)
-        return dense_attention_head_major(q, k, v, mask)
-
-    if not sparse_possible(cfg, k_lbksd.shape[3]):
-        return dense_layer(q_btnd, mask_bts)
-    if sparse is None:
-        raise ValueError("InfLLM v2 over a KV cache needs its compressed keys (sparse=)")
+    b, t = q_btnd.shape[:2]
 
     def dense():
-        if q_btnd.shape[1] <= _DENSE_CHUNK:
-            return dense_layer(q_btnd, mask_bts)
-        # a long prefill next to the sparse branch: never a [T, S] score array
-        return _dense_in_chunks(dense_layer, q_btnd, sparse.q_segment_ids, sparse.start,
-                                sparse.k_segment_ids, _DENSE_CHUNK)
+        k = jax.lax.dynamic_index_in_dim(k_lbksd, layer, keepdims=False)
+        v = jax.lax.dynamic_index_in_dim(v_lbksd, layer, keepdims=False)
+        if cfg.attention_impl != "einsum" and t > PREFILL_EINSUM_MAX_QUERIES:
+            return cached_dense_attention_xla(q_btnd, k, v, q_segment_ids_bt, k_segment_ids_bs,
+                                              start)
+        q_slot = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+        k_slot = jnp.broadcast_to(jnp.arange(k.shape[2], dtype=jnp.int32), (b, k.shape[2]))
+        mask = attention_mask(q_slot, q_segment_ids_bt, k_slot, k_segment_ids_bs)
+        return dense_attention_head_major(q_btnd, k.astype(q_btnd.dtype), v.astype(q_btnd.dtype),
+                                          mask)
+
+    if not sparse_possible(cfg, k_lbksd.shape[3]):
+        return dense()
+    if sparse is None:
+        raise ValueError("InfLLM v2 over a KV cache needs its compressed keys (sparse=)")
 
     def sparse_fn():
         return cached_sparse_attention(q_btnd, k_lbksd, v_lbksd, layer, sparse.kernels,
@@ -224,5 +369,5 @@ def cached_attention(q_btnd: jax.Array, k_lbksd: jax.Array, v_lbksd: jax.Array, 
     dense_len = cfg.sparse_config.dense_len
     if dense_len in (-1, 0):
         return sparse_fn()
-    key_len = sparse.start + q_btnd.shape[1] - sparse.lead                       # [B]
+    key_len = sparse.start + t - sparse.lead                                     # [B]
     return _per_row(key_len >= dense_len, sparse_fn, dense)

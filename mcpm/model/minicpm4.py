@@ -19,8 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mcpm.config import ModelConfig
-from mcpm.model.attention import (SparseCacheView, attention, attention_mask, cached_attention,
-                                  sparse_possible)
+from mcpm.model.attention import SparseCacheView, attention, cached_attention, sparse_possible
 from mcpm.model.layers import apply_rope, rms_norm, rope_cos_sin, swiglu
 from mcpm.model.sharding_hints import constrain
 from mcpm_kernels.infllmv2.decode import append_keys, compressed_cache_sizes, leading_padding
@@ -163,18 +162,16 @@ class MiniCPM4(nnx.Module):
         q_slot = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
         if positions is None:
             positions = q_slot
+        # no [B, T, S] mask here: the attention seam builds one only where it is used (einsum,
+        # decode); without segment ids a cache-less call is one causal sequence per row
+        attn_segments = None if segment_ids is None else segment_ids.astype(jnp.int32)
         if segment_ids is None:
             segment_ids = jnp.ones((b, t), jnp.int32)
         segment_ids = segment_ids.astype(jnp.int32)
 
         compressed = None
-        if cache is None:
-            mask = attention_mask(q_slot, segment_ids, q_slot, segment_ids)
-        else:
+        if cache is not None:
             new_seg = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, start))
-            k_slot = jnp.broadcast_to(jnp.arange(cache.max_len, dtype=jnp.int32),
-                                      (b, cache.max_len))
-            mask = attention_mask(q_slot, segment_ids, k_slot, new_seg)
             if sparse_possible(cfg, cache.max_len):
                 if cache.kernels is None:
                     raise ValueError(
@@ -204,7 +201,7 @@ class MiniCPM4(nnx.Module):
             k = apply_rope(k_pre, cos, sin)
             if kv is None:
                 v = jnp.einsum("bth,hkd->btkd", x, p["v"])
-                o = attention(q, k, v, mask, cfg, segment_ids, k_pre_rope_btkd=k_pre)
+                o = attention(q, k, v, cfg, attn_segments, k_pre_rope_btkd=k_pre)
             else:
                 i, k_lbksd, v_lbksd, comp = kv
                 dtype = k_lbksd.dtype
@@ -218,7 +215,8 @@ class MiniCPM4(nnx.Module):
                     scoring = k_pre if cfg.sparse_config.use_nope else k
                     comp = append_keys(*comp, i, scoring, start, lead, cfg.sparse_config)
                     view = SparseCacheView(comp[0], comp[1], start, lead, segment_ids, new_seg)
-                o = cached_attention(q, k_lbksd, v_lbksd, i, mask, cfg, view)
+                o = cached_attention(q, k_lbksd, v_lbksd, i, cfg, start, segment_ids, new_seg,
+                                     view)
                 kv = (k_lbksd, v_lbksd, comp)
             h_bth = h_bth + r * jnp.einsum("btnd,ndh->bth", o, p["o"])
             x = rms_norm(h_bth, p["mlp_norm"], cfg.rms_norm_eps)
