@@ -1,8 +1,9 @@
-"""Forward (prefill) and decode throughput of mcpm on this machine, against its matmul peak.
+"""Forward (prefill) and decode throughput of mcpm on this machine, against its matmul peak,
+and ``mcpm.generate`` against the bare decode step.
 
 Usage::
 
-    .venv/bin/python experiments/bench_forward.py            # tiny + 0.5B shape (~3-6 min on 2 cores)
+    .venv/bin/python experiments/bench_forward.py            # tiny + 0.5B shape (~7 min on 2 cores)
     .venv/bin/python experiments/bench_forward.py --quick    # tiny only, few repeats (smoke run)
     .venv/bin/python experiments/bench_forward.py --sizes 0.5b --no-bf16
 
@@ -25,15 +26,23 @@ bfloat16 params with bfloat16 compute, the weights cast once beforehand):
   ``mcpm.generation._decode_step``; no sampling). The cache is created with ``KVCache.create`` and
   marked as already holding ``--decode-context`` tokens (segment id 1, index = context), so every
   step attends over a realistic context without paying for a prefill; the numbers computed do
-  not depend on the cached values. Each timed step is blocked on (as ``generate`` syncs every
-  token); tokens/s = B / median(step time) over ``--decode-steps`` steps after warm-up.
+  not depend on the cached values. Each timed step is one call blocked on (dispatch, compute and
+  the wait); tokens/s = B / median(step time) over ``--decode-steps`` steps after warm-up.
 * **Compile**: ``jitted.lower(...).compile()`` wall time. **First call**: the first execution of
   the compiled function, reported separately (on XLA:CPU it can be much slower than later
   calls); neither is included in the throughput numbers.
-* A cross-check of the public loop: ``mcpm.generate`` end to end with batch 1, an 8-token
-  prompt, after a warm-up call with identical shapes (so nothing compiles in the timed calls);
-  decode tokens/s = (N_long - N_short) / (t(N_long) - t(N_short)), i.e. end to end minus the
-  prefill and the first step.
+* **generate vs the bare step** (float32 rows, B = 1 and 8, 8-token random prompts, greedy, eos
+  -1, so every call runs all its steps; cache 64 slots for everything here): the per-token time
+  of ``mcpm.generate`` and of ``mcpm.stream_generate`` (default chunking) by differencing, (t(8 +
+  N_long) - t(8 + N_short)) / (N_long - N_short), so the prefill and the fixed per-call work
+  cancel; against the bare step, ``mcpm.generation._decode_step`` (one decode step with greedy
+  sampling, the work of one iteration of generate's device loop) timed two ways: called and
+  blocked on once per token (median step; its dispatch included) and dispatched back to back
+  with one wait at the end (mean step; closer to the device's own time). Each repetition times
+  the bare step, then generate, then stream_generate, back to back in the same process; the
+  ratios are taken per repetition and the table gives their median and range. Nothing compiles
+  in the timed calls (a warm-up call of each length comes first, and both lengths share one
+  cache size).
 
 FLOPs per token (stated explicitly; embedding lookups, norms, RoPE, softmax and SwiGLU
 elementwise work are not counted)::
@@ -175,26 +184,75 @@ def time_decode(graphdef, cfg: ModelConfig, state, batch: int, context: int, ste
     return Timing(compile_s, first_s, times), max_len
 
 
-def time_generate(model, new_short: int, new_long: int, repeats: int) -> dict:
-    """``mcpm.generate`` end to end (batch 1, 8-token prompt), decode rate by differencing."""
-    ids = np.arange(1, 9, dtype=np.int32)[None, :] % model.config.vocab_size
+def time_generate_vs_step(model, batch: int, n_short: int, n_long: int, repeats: int,
+                          calls: int) -> dict:
+    """Per-token time of ``mcpm.generate`` and ``mcpm.stream_generate`` (by differencing, each
+    length the best of ``calls`` calls) against the bare ``_decode_step``, ``repeats`` times back
+    to back; see the module docstring."""
+    from mcpm.generation import _decode_step
+    cfg = model.config
+    prompt = 8
+    assert prompt + n_long <= 64, "both lengths and the bare step share a 64-slot cache"
+    ids = np.random.default_rng(batch).integers(3, cfg.vocab_size, (batch, prompt)).astype(np.int32)
+    graphdef, state = nnx.split(model)
+    greedy = (0.0, 0, 1.0)
+    tok = jnp.asarray(ids[:, -1])
+    positions = [jnp.full((batch,), prompt + i, jnp.int32) for i in range(n_long)]
+    key = jax.random.key(0)
 
-    def run(n):
+    def bare() -> tuple[float, float]:
+        """(median of steps blocked on one by one, mean of steps dispatched back to back)."""
+        cache = prefilled_cache(cfg, batch, prompt, 64)
+        times = []
+        for pos in positions:
+            t0 = now()
+            _, nxt, cache = _decode_step(graphdef, state, tok, pos, cache, key, greedy)
+            jax.block_until_ready(nxt)
+            times.append(now() - t0)
+        cache = prefilled_cache(cfg, batch, prompt, 64)
+        jax.block_until_ready(cache)
         t0 = now()
+        for pos in positions:
+            _, nxt, cache = _decode_step(graphdef, state, tok, pos, cache, key, greedy)
+        jax.block_until_ready(nxt)
+        return statistics.median(times[1:]), (now() - t0) / len(positions)
+
+    def per_token(fn) -> float:
+        def best(n):
+            out = []
+            for _ in range(calls):
+                t0 = now()
+                fn(n)
+                out.append(now() - t0)
+            return min(out)
+        return (best(n_long) - best(n_short)) / (n_long - n_short)
+
+    def gen(n):
         out = mcpm.generate(model, ids, max_new_tokens=n, eos_token_id=-1)
-        dt = now() - t0
-        assert out.shape == (1, 8 + n)
-        return dt
+        assert out.shape == (batch, prompt + n)
+
+    def stream(n):
+        assert len(list(mcpm.stream_generate(model, ids, n, eos_token_id=-1))) == n
 
     t0 = now()
-    run(new_long)             # compiles prefill + decode step (both lengths share one cache size)
+    for fn in (gen, stream):   # compiles prefill and the decode loop (one cache size for both)
+        fn(n_long)
+        fn(n_short)
     warm_s = now() - t0
-    run(new_short)
-    short = statistics.median(run(new_short) for _ in range(repeats))
-    long = statistics.median(run(new_long) for _ in range(repeats))
-    return {"warm_s": warm_s, "short_s": short, "long_s": long,
-            "tok_s": (new_long - new_short) / max(long - short, 1e-9),
-            "e2e_tok_s": new_long / long}
+    bare()
+    reps = []
+    for _ in range(repeats):
+        step, pipelined = bare()
+        reps.append((step, pipelined, per_token(gen), per_token(stream)))
+    med = lambda xs: statistics.median(xs)
+    ratio = lambda i, j: sorted(r[i] / r[j] for r in reps)
+    out = {"warm_s": warm_s, "step_s": med(r[0] for r in reps),
+           "pipelined_s": med(r[1] for r in reps), "gen_s": med(r[2] for r in reps),
+           "stream_s": med(r[3] for r in reps)}
+    for name, i, j in (("gen", 2, 0), ("gen_pipelined", 2, 1), ("stream", 3, 0)):
+        rs = ratio(i, j)
+        out[name] = f"{med(rs):.2f} ({rs[0]:.2f}-{rs[-1]:.2f})"
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,13 +357,21 @@ def main(argv=None) -> int:
                       f", {gflops:.2f} GFLOP/s, weights {wbw:.1f} GB/s), compile "
                       f"{tm.compile_s:.2f}s, first {tm.first_s:.2f}s", flush=True)
             if (pdtype, cdtype) == ("float32", "float32"):
-                n_short, n_long = (4, 12) if (quick or big) else (8, 40)
-                g = time_generate(model, n_short, n_long, 1 if (quick or big) else 3)
-                gen_rows.append([label, f"8 + {n_short} / 8 + {n_long}",
-                                 f"{g['warm_s']:.2f}", f"{g['short_s']:.3f} / {g['long_s']:.3f}",
-                                 f"{g['tok_s']:,.1f}", f"{g['e2e_tok_s']:,.1f}"])
-                print(f"  generate() {label}: decode {g['tok_s']:,.1f} tok/s (end to end minus "
-                      f"prefill), {g['e2e_tok_s']:,.1f} tok/s incl. prefill", flush=True)
+                n_short, n_long = (4, 16) if big else ((8, 32) if quick else (8, 56))
+                for b in (1, 8):
+                    g = time_generate_vs_step(model, b, n_short, n_long,
+                                              repeats=2 if quick else (3 if big else 5),
+                                              calls=1 if big else 3)
+                    gen_rows.append([label, str(b), f"{n_short} / {n_long}",
+                                     f"{g['step_s'] * 1e3:,.2f} / {g['pipelined_s'] * 1e3:,.2f}",
+                                     f"{g['gen_s'] * 1e3:,.2f}", f"**{g['gen']}**",
+                                     g["gen_pipelined"], f"{g['stream_s'] * 1e3:,.2f}",
+                                     g["stream"], f"{g['warm_s']:.2f}"])
+                    print(f"  generate() {label} B={b}: {g['gen_s'] * 1e3:.2f} ms/token; bare "
+                          f"step {g['step_s'] * 1e3:.2f} ms blocked, {g['pipelined_s'] * 1e3:.2f} "
+                          f"ms pipelined; ratio {g['gen']} (to pipelined {g['gen_pipelined']}); "
+                          f"stream_generate {g['stream_s'] * 1e3:.2f} ms/token, ratio "
+                          f"{g['stream']}", flush=True)
             del state
         del model, state_f32
     peak_end = measure_peak(jnp.float32, args.peak_n, peak_repeats)
@@ -368,15 +434,21 @@ def render(info, peak, peak_bf16, args, fwd_rows, dec_rows, gen_rows, total, qui
         "\"weight GB/s\" = parameter bytes (in the param dtype) / step time: decode reads every "
         "weight at least once per step, so this (not FLOPs) is the roofline that matters there.",
         "",
-        "## Cross-check: `mcpm.generate` end to end (batch 1, 8-token prompt, greedy, "
-        "eos -1)",
+        "## `mcpm.generate` and `mcpm.stream_generate` against the bare decode step",
         "",
-        table(["model", "prompt + new (short / long)", "first call s (compiles)",
-               "median s (short / long)", "decode tok/s (diff)", "tok/s incl. prefill (long)"],
-              gen_rows),
+        table(["model", "B", "new tokens (short / long)", "bare step ms (blocked / pipelined)",
+               "generate ms/token", "generate / bare step", "generate / pipelined step",
+               "stream ms/token", "stream / bare step", "warm-up s (compiles)"], gen_rows),
         "",
-        "decode tok/s (diff) = (N_long - N_short) / (t_long - t_short): end to end minus the "
-        "prefill; it includes `generate`'s per-token host work (sync, eos bookkeeping, key split).",
+        "8-token prompts, greedy, 64 cache slots. ms/token = (t(long) - t(short)) / (long - "
+        "short), the best of several calls per length (one for the 0.5B shape): the prefill "
+        "cancels. The bare step is `mcpm.generation._decode_step` (one step with greedy "
+        "sampling): *blocked* calls it and waits for it once per token (the median step, its "
+        "dispatch included), *pipelined* dispatches all the steps back to back and waits once "
+        "(the mean step: closer to the device's own time). Ratios are taken per repetition "
+        "(bare steps, generate, stream back to back) and summarised as median (min-max). "
+        "generate runs its whole decode loop in one device call; stream_generate reads back "
+        "once per chunk (default chunking: about 0.1 s of decoding, at most 64 steps).",
         "",
         f"Total benchmark wall time: {total:.0f} s.",
         "",
