@@ -147,6 +147,8 @@ def test_max_position_warning_and_empty_prompt():
         mcpm.generate(model, np.array([[1, 2, 3]]), max_new_tokens=15, eos_token_id=-1)
     with pytest.raises(ValueError, match="at least one token"):
         mcpm.generate(model, [[1, 2], []], max_new_tokens=2)
+    with pytest.raises(ValueError, match="chunk_size"):
+        next(stream_generate(model, [[1, 2]], 4, chunk_size=0))
 
 
 @pytest.mark.parametrize("program,sparse", [("step", False), ("chunk", False), ("chunk", True)])
