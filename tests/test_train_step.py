@@ -1,5 +1,7 @@
 """The train step: loss and gradients against a direct computation, accumulation equal to one
 big batch, skipped non-finite updates, donation."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -90,3 +92,56 @@ def test_non_finite_gradients_skip_the_update_and_count():
         np.testing.assert_array_equal(np.asarray(state["params"][name]), before[name])
     state, metrics = step(state, batch_of(4))
     assert int(metrics["skipped"]) == 2 and int(state["step"]) == 2
+
+
+def test_the_chunked_loss_gives_the_same_step():
+    """loss_chunk = 5 on T = 12 (a ragged last chunk), untied head: same loss, gradient norm and
+    update as the whole-sequence loss, up to float32 reassociation of the sums."""
+    cfg = ModelConfig(**{**MODEL.__dict__, "tie_word_embeddings": False})
+    params = nnx.to_pure_dict(nnx.state(MiniCPM4(cfg, rngs=nnx.Rngs(3)), nnx.Param))
+    tx = make_optimizer(params, cfg, OptimizerConfig(), SCHED, total_steps=10)
+    batch = batch_of(5)
+    whole = jax.jit(make_train_step(cfg, tx, wsd_schedule(SCHED, 10), z_loss=1e-3))
+    chunked = jax.jit(make_train_step(cfg, tx, wsd_schedule(SCHED, 10), z_loss=1e-3,
+                                      loss_chunk=5))
+    s1, m1 = whole(init_state(params, tx), batch)
+    s2, m2 = chunked(init_state(params, tx), batch)
+    for key in ("loss", "z", "grad_norm"):
+        np.testing.assert_allclose(float(m2[key]), float(m1[key]), rtol=1e-5, err_msg=key)
+    for name in params:
+        np.testing.assert_allclose(np.asarray(s2["params"][name]), np.asarray(s1["params"][name]),
+                                   rtol=1e-5, atol=2e-5, err_msg=name)
+
+
+def test_float32_matmuls_are_highest_precision_unless_asked_otherwise():
+    """The step's lowered program: every float32 dot (forward and backward) asks for HIGHEST
+    precision by default (GPUs would otherwise use TF32, TPUs bfloat16 passes), DEFAULT with
+    matmul_precision=default, and bfloat16 compute asks for nothing."""
+    def dot_precisions(cfg):
+        params = jax.eval_shape(lambda: nnx.to_pure_dict(
+            nnx.state(MiniCPM4(cfg, rngs=nnx.Rngs(0)), nnx.Param)))
+        tx = make_optimizer(params, cfg, OptimizerConfig(), SCHED, total_steps=10)
+        state = jax.eval_shape(lambda p: init_state(p, tx), params)
+        step = jax.jit(make_train_step(cfg, tx, wsd_schedule(SCHED, 10)))
+        text = step.trace(state, batch_of(0)).lower().as_text()
+        dots = [line for line in text.splitlines() if "dot_general" in line]
+        assert len(dots) > 20
+        # one entry per dot: the float32 ones' precisions, and which dots have no f32 operands
+        out = []
+        for line in dots:
+            m = re.search(r"precision = \[(\w+), (\w+)\]", line)
+            operands = line.split(":")[-1].split("->")[0]
+            out.append((m.groups() if m else ("DEFAULT", "DEFAULT"), "xf32>" in operands))
+        return out
+
+    def f32_precisions(dots):
+        return {p for (p, f32) in dots if f32 for p in p}
+
+    assert f32_precisions(dot_precisions(MODEL)) == {"HIGHEST"}
+    # the flash kernel's custom backward is traced outside the model's call
+    flash = ModelConfig(**{**MODEL.__dict__, "attention_impl": "flash"})
+    assert f32_precisions(dot_precisions(flash)) == {"HIGHEST"}
+    fast = dot_precisions(ModelConfig(**{**MODEL.__dict__, "matmul_precision": "default"}))
+    assert f32_precisions(fast) == {"DEFAULT"}
+    bf16 = dot_precisions(ModelConfig(**{**MODEL.__dict__, "compute_dtype": "bfloat16"}))
+    assert {p for (p, _) in bf16 for p in p} == {"DEFAULT"}

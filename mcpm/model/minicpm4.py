@@ -11,6 +11,7 @@ Weight layouts (HF's torch Linear stores [out, in]; mcpm stores [in, out] split 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import NamedTuple, Optional
 
@@ -25,6 +26,15 @@ from mcpm.model.sharding_hints import constrain
 from mcpm_kernels.infllmv2.decode import append_keys, compressed_cache_sizes, leading_padding
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def precision_scope(cfg: ModelConfig):
+    """The matmul precision of float32 compute (``cfg.matmul_precision``) for everything traced
+    inside: GPUs default to TF32 and TPUs to one bfloat16 pass, which put the logits ~5e-4
+    relative off the official ones. bfloat16 compute is left as it is."""
+    if cfg.compute_dtype != "float32":
+        return contextlib.nullcontext()
+    return jax.default_matmul_precision(cfg.matmul_precision)
 
 # Logical axis names of every parameter (the training issue maps them onto a mesh).
 LOGICAL_AXES = {
@@ -148,13 +158,33 @@ class MiniCPM4(nnx.Module):
 
     # -- forward ---------------------------------------------------------------------------
     def __call__(self, input_ids: jax.Array, *, positions: Optional[jax.Array] = None,
-                 segment_ids: Optional[jax.Array] = None, cache: Optional[KVCache] = None):
+                 segment_ids: Optional[jax.Array] = None, cache: Optional[KVCache] = None,
+                 return_hidden: bool = False):
         """``input_ids [B, T]`` -> logits ``[B, T, V]`` (float32), or (logits, cache).
 
         positions ``[B, T]``: RoPE positions (default: 0.. without a cache, cache.index.. with).
         segment_ids ``[B, T]``: documents of packed sequences; 0 marks padding (default all 1).
         Attention is causal, never crosses segments and never sees padding keys.
+        ``return_hidden``: return the head's input ``[B, T, H]`` instead of the logits
+        (:meth:`logits` makes them), for a loss that makes the logits a piece at a time.
         """
+        with precision_scope(self.config):
+            return self._forward(input_ids, positions, segment_ids, cache, return_hidden)
+
+    def logits(self, x_bth: jax.Array) -> jax.Array:
+        """float32 logits ``[B, T, V]`` of head inputs (``return_hidden=True``'s output)."""
+        cfg = self.config
+        with precision_scope(cfg):
+            cdtype = DTYPES[cfg.compute_dtype]
+            if cfg.tie_word_embeddings:
+                logits = jnp.einsum("bth,vh->btv", x_bth, self.embed[...].astype(cdtype),
+                                    preferred_element_type=jnp.float32)
+            else:
+                logits = jnp.einsum("bth,hv->btv", x_bth, self.lm_head[...].astype(cdtype),
+                                    preferred_element_type=jnp.float32)
+        return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+
+    def _forward(self, input_ids, positions, segment_ids, cache, return_hidden):
         cfg = self.config
         cdtype = DTYPES[cfg.compute_dtype]
         b, t = input_ids.shape
@@ -249,11 +279,5 @@ class MiniCPM4(nnx.Module):
 
         x = rms_norm(h, self.final_norm[...].astype(cdtype), cfg.rms_norm_eps)
         x = x / jnp.asarray(cfg.width_mult, cdtype)
-        if cfg.tie_word_embeddings:
-            logits = jnp.einsum("bth,vh->btv", x, self.embed[...].astype(cdtype),
-                                preferred_element_type=jnp.float32)
-        else:
-            logits = jnp.einsum("bth,hv->btv", x, self.lm_head[...].astype(cdtype),
-                                preferred_element_type=jnp.float32)
-        logits = constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
-        return logits if cache is None else (logits, new_cache)
+        out = x if return_hidden else self.logits(x)
+        return out if cache is None else (out, new_cache)

@@ -83,6 +83,7 @@ def build_train_program(cfg: Config, mesh: Mesh | None = None, *,
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, st_sh)
     step = jax.jit(
         make_train_step(model_cfg, tx, schedule, z_loss=t.z_loss, accum_steps=t.accum_steps,
+                        loss_chunk=t.loss_chunk,
                         activation_rules=lambda: activation_rules(mesh, rules)),
         in_shardings=(st_sh, b_sh), out_shardings=(st_sh, None), donate_argnums=0)
     return TrainProgram(cfg=cfg, mesh=mesh, total_steps=total, decay_start=decay_start, tx=tx,

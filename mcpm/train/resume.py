@@ -28,8 +28,10 @@ RESUMABLE = (
     "train.log_every", "train.checkpoint_every", "train.keep_last", "train.keep_every",
     "train.max_nonfinite_in_a_row", "train.peak_flops_per_device",
     "train.accum_steps",              # same global batch, split into micro-batches
+    "train.loss_chunk",               # the same loss, computed a piece at a time
     "mesh.",                          # checkpoints restore onto another mesh (resharded)
     "model.remat", "model.compute_dtype",   # how the model runs, not what it is
+    "model.attention_impl", "model.sparse_attention_impl", "model.matmul_precision",
     "data.read_threads", "data.prefetch", "data.cache_dir",
     "generate.",                      # not used by training
 )

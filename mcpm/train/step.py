@@ -17,8 +17,8 @@ import optax
 from flax import nnx
 
 from mcpm.config import ModelConfig
-from mcpm.model.minicpm4 import MiniCPM4
-from mcpm.train.loss import cross_entropy_sums
+from mcpm.model.minicpm4 import MiniCPM4, precision_scope
+from mcpm.train.loss import chunked_cross_entropy_sums, cross_entropy_sums
 
 BATCH_KEYS = ("inputs", "targets", "weights", "positions", "segment_ids")
 
@@ -31,11 +31,13 @@ class ModelApply:
         abstract = nnx.eval_shape(lambda: MiniCPM4(cfg, rngs=nnx.Rngs(0)))
         self.graphdef, self._template = nnx.split(abstract)
 
-    def __call__(self, params: dict, inputs_bt, positions_bt=None, segment_ids_bt=None):
+    def model(self, params: dict) -> MiniCPM4:
         state = jax.tree.map(lambda x: x, self._template)
         nnx.replace_by_pure_dict(state, params)
-        model = nnx.merge(self.graphdef, state)
-        return model(inputs_bt, positions=positions_bt, segment_ids=segment_ids_bt)
+        return nnx.merge(self.graphdef, state)
+
+    def __call__(self, params: dict, inputs_bt, positions_bt=None, segment_ids_bt=None):
+        return self.model(params)(inputs_bt, positions=positions_bt, segment_ids=segment_ids_bt)
 
 
 def init_state(params: dict, tx: optax.GradientTransformation) -> dict:
@@ -53,9 +55,13 @@ def _micro_batches(batch: dict, accum: int) -> dict:
 
 def make_train_step(model_cfg: ModelConfig, tx: optax.GradientTransformation,
                     lr_schedule: Callable, *, z_loss: float = 0.0, accum_steps: int = 1,
+                    loss_chunk: int = 0,
                     activation_rules: Callable[[], contextlib.AbstractContextManager] | None = None):
     """``step(state, batch) -> (state, metrics)``; metrics are float32/int32 scalars:
     loss (mean nll over target tokens), z, tokens, grad_norm, lr, finite, skipped.
+
+    ``loss_chunk`` > 0 makes the logits that many positions at a time
+    (:func:`mcpm.train.loss.chunked_cross_entropy_sums`): the same loss without ``[B, T, V]``.
 
     ``activation_rules``: makes the context in which the model's activation sharding hints
     are resolved while tracing (``lambda: mcpm.sharding.activation_rules(mesh, rules)``).
@@ -65,10 +71,20 @@ def make_train_step(model_cfg: ModelConfig, tx: optax.GradientTransformation,
 
     def sums_and_grads(params, micro):
         def objective(p):
-            logits = apply(p, micro["inputs"], micro["positions"], micro["segment_ids"])
-            sums = cross_entropy_sums(logits, micro["targets"], micro["weights"])
+            model = apply.model(p)
+            if loss_chunk:
+                x = model(micro["inputs"], positions=micro["positions"],
+                          segment_ids=micro["segment_ids"], return_hidden=True)
+                sums = chunked_cross_entropy_sums(x, model.logits, micro["targets"],
+                                                  micro["weights"], loss_chunk)
+            else:
+                logits = model(micro["inputs"], positions=micro["positions"],
+                               segment_ids=micro["segment_ids"])
+                sums = cross_entropy_sums(logits, micro["targets"], micro["weights"])
             return sums["nll"] + z_loss * sums["z"], sums
-        return jax.grad(objective, has_aux=True)(params)[::-1]
+        # the backward pass is traced here, outside the model's call: the same precision
+        with precision_scope(model_cfg):
+            return jax.grad(objective, has_aux=True)(params)[::-1]
 
     def step(state: dict, batch: dict):
         with hints():
