@@ -118,12 +118,16 @@ def test_generation_crossing_dense_len_switches_per_row():
     # and sparse rows), row 2's prompt is already above it (sparse prefill next to dense rows)
     model, prompts, tokens = check_generation(dataclasses.replace(SPARSE, dense_len=40),
                                               (13, 30, 45), 48, seed=2)
-    # mcpm.generate end to end: the same greedy tokens, and no decode step compiled again
-    before = gen_mod._decode_step._cache_size()
+    # mcpm.generate end to end: the same greedy tokens; a second call compiles nothing
     out = mcpm.generate(model, prompts, max_new_tokens=48, eos_token_id=-1)
     for p, row, toks in zip(prompts, out, tokens):
         np.testing.assert_array_equal(row, np.concatenate([p, toks]))
-    assert gen_mod._decode_step._cache_size() == before
+    compiled = lambda: (gen_mod._prefill._cache_size(), gen_mod._decode_chunk._cache_size())
+    before = compiled()
+    again = mcpm.generate(model, prompts, max_new_tokens=40, eos_token_id=-1)
+    assert compiled() == before
+    for row, again_row in zip(out, again):
+        np.testing.assert_array_equal(again_row, row[:len(again_row)])
 
 
 def test_chunks_appended_to_a_cache():
