@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test install bench bench-infllmv2 clean
+.PHONY: demo test install bench bench-infllmv2 bench-gpu clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ bench: $(VENV)/.installed
 bench-infllmv2: export JAX_PLATFORMS ?= cpu
 bench-infllmv2: $(VENV)/.installed
 	$(PY) experiments/bench_infllmv2.py
+
+# on a machine with a GPU (and jax[cuda]): about 6 minutes on one H100
+bench-gpu: $(VENV)/.installed
+	$(PY) experiments/bench_gpu.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -49,16 +49,19 @@ def params_of(model: MiniCPM4) -> dict[str, np.ndarray]:
 def from_pretrained(path: str | Path, *, param_dtype: str | None = None,
                     compute_dtype: str | None = None, attention_impl: str | None = None,
                     sparse_attention_impl: str | None = None,
+                    matmul_precision: str | None = None,
                     progress: bool = False) -> MiniCPM4:
     """Load a MiniCPM4 from an official HF directory or an mcpm checkpoint.
 
     Parameters are float32 unless ``param_dtype`` says otherwise, whatever the file holds.
-    ``attention_impl`` / ``sparse_attention_impl``: see :class:`mcpm.config.ModelConfig`.
+    ``attention_impl`` / ``sparse_attention_impl`` / ``matmul_precision``: see
+    :class:`mcpm.config.ModelConfig`.
     """
     run_options = {k: v for k, v in (("param_dtype", param_dtype),
                                      ("compute_dtype", compute_dtype),
                                      ("attention_impl", attention_impl),
-                                     ("sparse_attention_impl", sparse_attention_impl))
+                                     ("sparse_attention_impl", sparse_attention_impl),
+                                     ("matmul_precision", matmul_precision))
                    if v is not None}
     cfg, _, params = load_params(path, progress=progress, **run_options)
     return model_from_params(cfg, params)

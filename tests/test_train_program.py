@@ -59,3 +59,19 @@ def test_the_loop_and_aot_compile_one_program(tmp_path, monkeypatch):
                        "train.decay_from=2", "train.decay_steps=3",
                        "train.schedule.decay_shape=linear", change)
         assert step_jaxpr(program_mod.build_train_program(other, ran.mesh)) != jaxpr, change
+
+
+def test_the_gpu_train_program_lowers_for_cuda(tmp_path):
+    """The step a GPU runs (bfloat16 compute, packed rows: auto picks the flash kernel there)
+    lowers for CUDA on this CPU-only machine: no CPU-only op or custom call in it."""
+    from mcpm.model.attention import attention_target, dense_implementation
+    cfg = config(tmp_path, "model.compute_dtype=bfloat16", "data.seq_len=128")
+    program = program_mod.build_train_program(cfg)
+    with attention_target("gpu"):
+        assert dense_implementation(cfg.model, key_len=128, packed=True,
+                                    dtype=jax.numpy.bfloat16) == "flash"
+        lowered = program.step.trace(program.abstract_state,
+                                     program.batch_spec(4, 128)).lower(
+            lowering_platforms=("cuda",))
+    text = lowered.as_text()
+    assert "stablehlo.dot_general" in text and "custom_call" not in text
