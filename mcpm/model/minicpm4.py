@@ -21,7 +21,7 @@ from flax import nnx
 
 from mcpm.config import ModelConfig
 from mcpm.model.attention import SparseCacheView, attention, cached_attention, sparse_possible
-from mcpm.model.layers import apply_rope, rms_norm, rope_cos_sin, swiglu
+from mcpm.model.layers import apply_rope, linear, rms_norm, rope_cos_sin, swiglu
 from mcpm.model.sharding_hints import constrain
 from mcpm_kernels.infllmv2.decode import append_keys, compressed_cache_sizes, leading_padding
 
@@ -176,12 +176,14 @@ class MiniCPM4(nnx.Module):
         cfg = self.config
         with precision_scope(cfg):
             cdtype = DTYPES[cfg.compute_dtype]
-            if cfg.tie_word_embeddings:
-                logits = jnp.einsum("bth,vh->btv", x_bth, self.embed[...].astype(cdtype),
-                                    preferred_element_type=jnp.float32)
+            if cfg.tie_word_embeddings:   # [V, H] read as it is: no transposed copy of it
+                b, t, h = x_bth.shape
+                logits = jnp.einsum("nh,vh->nv", x_bth.reshape(b * t, h),
+                                    self.embed[...].astype(cdtype),
+                                    preferred_element_type=jnp.float32).reshape(b, t, -1)
             else:
-                logits = jnp.einsum("bth,hv->btv", x_bth, self.lm_head[...].astype(cdtype),
-                                    preferred_element_type=jnp.float32)
+                logits = linear(x_bth, self.lm_head[...].astype(cdtype),
+                                preferred_element_type=jnp.float32)
         return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
 
     def _forward(self, input_ids, positions, segment_ids, cache, return_hidden):
@@ -225,18 +227,18 @@ class MiniCPM4(nnx.Module):
             p = {name: w.astype(cdtype) for name, w in p.items()}
             h_bth = constrain(h_bth, RESIDUAL_AXES)
             x = rms_norm(h_bth, p["attn_norm"], cfg.rms_norm_eps)
-            q = apply_rope(jnp.einsum("bth,hnd->btnd", x, p["q"]), cos, sin)
+            q = apply_rope(linear(x, p["q"]), cos, sin)
             q = constrain(q, ("batch", "length", "heads", "head_dim"))
-            k_pre = jnp.einsum("bth,hkd->btkd", x, p["k"])
+            k_pre = linear(x, p["k"])
             k = apply_rope(k_pre, cos, sin)
             if kv is None:
-                v = jnp.einsum("bth,hkd->btkd", x, p["v"])
+                v = linear(x, p["v"])
                 o = attention(q, k, v, cfg, attn_segments, k_pre_rope_btkd=k_pre)
             else:
                 i, k_lbksd, v_lbksd, comp = kv
                 dtype = k_lbksd.dtype
                 k_bktd = k.transpose(0, 2, 1, 3)
-                v_bktd = jnp.einsum("bth,hkd->bktd", x, p["v"])
+                v_bktd = linear(x, p["v"]).transpose(0, 2, 1, 3)
                 at = (i, 0, 0, start, 0)
                 k_lbksd = jax.lax.dynamic_update_slice(k_lbksd, k_bktd[None].astype(dtype), at)
                 v_lbksd = jax.lax.dynamic_update_slice(v_lbksd, v_bktd[None].astype(dtype), at)
@@ -248,7 +250,7 @@ class MiniCPM4(nnx.Module):
                 o = cached_attention(q, k_lbksd, v_lbksd, i, cfg, start, segment_ids, new_seg,
                                      view)
                 kv = (k_lbksd, v_lbksd, comp)
-            h_bth = h_bth + r * jnp.einsum("btnd,ndh->bth", o, p["o"])
+            h_bth = h_bth + r * linear(o, p["o"], in_dims=2)
             x = rms_norm(h_bth, p["mlp_norm"], cfg.rms_norm_eps)
             h_bth = h_bth + r * swiglu(x, p["gate"], p["up"], p["down"])
             return h_bth, kv
