@@ -41,6 +41,8 @@ setup(
         "test": ["pytest>=8", "pytest-xdist>=3.5,<4", "libtpu==0.0.52"],
         "tpu": ["jax[tpu]>=0.10.2,<0.13"],
         "gpu": ["jax[cuda12]>=0.10.2,<0.13"],
+        # experiments/bench_official_cpu.py: the official PyTorch modeling code's stack
+        "official": ["torch>=2.4,<2.15", "transformers>=4.48,<4.49"],
     },
     entry_points={"console_scripts": ["mcpm=mcpm.cli:main"]},
 )

@@ -1,6 +1,6 @@
 """mcpm against the official PyTorch MiniCPM4 code on this CPU, measured in one run.
 
-    pip install torch==2.13.0 transformers==4.48.3        # the official code's stack (CPU)
+    pip install -e ".[official]"     # the official code's stack (torch 2.13.0 on this machine)
     python experiments/bench_official_cpu.py --official PATH/TO/models
 
 ``PATH/TO/models`` holds the official ``modeling_minicpm.py`` and ``configuration_minicpm.py``
