@@ -217,3 +217,15 @@ def test_refused_commands_leave_nothing_behind_and_reinit_moves_the_run_aside(tm
     np.testing.assert_array_equal(sorted(p.name for p in (tmp_path / "run").iterdir()),
                                   sorted(["checkpoints", "config.yaml", "loss.png", "metrics.jsonl",
                                           "model", "summary.json", "tensorboard"]))
+
+
+def test_a_workdir_holding_other_files_is_refused_not_written_over(tmp_path):
+    """A directory with files but no run (no config.yaml, no checkpoint) could be someone's
+    output: a fresh run there would replace its model/ and metrics.jsonl."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "weights.bin").write_bytes(b"not ours")
+    (tmp_path / "metrics.jsonl").write_text('{"step": 9}\n')
+    before = snapshot(tmp_path)
+    with pytest.raises(ResumeError, match="holds files but no mcpm run.*--reinit"):
+        run(tmp_path, steps=2)
+    assert snapshot(tmp_path) == before

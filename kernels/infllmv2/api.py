@@ -6,9 +6,6 @@ kernel (forward and backward; interpreted on CPU); "auto" is "xla" for now.
 """
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Mapping
-
 import jax
 
 from mcpm_kernels.infllmv2.pallas_attention import attention_pallas
@@ -16,36 +13,6 @@ from mcpm_kernels.infllmv2.reference import attention_reference, block_mask
 from mcpm_kernels.infllmv2.xla import attention_xla
 
 IMPLEMENTATIONS = ("auto", "reference", "xla", "pallas")
-
-
-@dataclasses.dataclass(frozen=True)
-class SparseParams:
-    """The ``sparse_config`` keys the kernels read, for callers that hold the official block
-    as a plain dict (a config.json's ``sparse_config``). Absent keys take the released
-    MiniCPM4-8B's values; ``variant`` and ``lse_approx`` are mcpm's own."""
-
-    kernel_size: int = 32
-    kernel_stride: int = 16
-    init_blocks: int = 1
-    block_size: int = 64
-    window_size: int = 2048
-    topk: int = 64
-    use_nope: bool = False
-    dense_len: int = 8192
-    variant: str = "A"
-    lse_approx: bool = False
-
-
-def as_sparse_params(sparse_config):
-    """``sparse_config`` as an object with attributes: a mapping becomes :class:`SparseParams`
-    (unknown keys refused), anything else (e.g. mcpm's SparseConfig) is used as it is."""
-    if not isinstance(sparse_config, Mapping):
-        return sparse_config
-    known = [f.name for f in dataclasses.fields(SparseParams)]
-    unknown = sorted(set(sparse_config) - set(known))
-    if unknown:
-        raise ValueError(f"sparse_config has unknown key(s) {unknown}; the keys are {known}")
-    return SparseParams(**sparse_config)
 
 
 def _scoring_keys(sparse_config, scoring_keys):
@@ -61,10 +28,9 @@ def infllmv2_block_mask(q_btnd: jax.Array, k_btkd: jax.Array, sparse_config, *,
 
     q ``[B, T, N, D]`` and k ``[B, T, K, D]`` with RoPE applied; ``sparse_config`` has the
     official keys (kernel_size, kernel_stride, init_blocks, block_size, window_size, topk,
-    use_nope, dense_len; mcpm's variant and lse_approx), as a SparseConfig or the official dict.
-    ``scoring_keys``: the pre-RoPE keys, needed with ``use_nope``.
+    use_nope, dense_len; mcpm's variant and lse_approx). ``scoring_keys``: the pre-RoPE keys,
+    needed with ``use_nope``.
     """
-    sparse_config = as_sparse_params(sparse_config)
     return block_mask(q_btnd, k_btkd, sparse_config, _scoring_keys(sparse_config, scoring_keys))
 
 
@@ -72,8 +38,7 @@ def infllmv2_attention(q_btnd: jax.Array, k_btkd: jax.Array, v_btkd: jax.Array, 
                        *, implementation: str = "auto",
                        segment_ids: jax.Array | None = None,
                        scoring_keys: jax.Array | None = None, interpret=None) -> jax.Array:
-    """InfLLM v2 attention ``[B, T, N, D]`` (spec section 3; variant from ``sparse_config``, a
-    SparseConfig or the official ``sparse_config`` dict).
+    """InfLLM v2 attention ``[B, T, N, D]`` (spec section 3; variant from ``sparse_config``).
 
     ``segment_ids [B, T]``: packed documents (0 = padding); attention never crosses them.
     ``scoring_keys [B, T, K, D]``: the pre-RoPE keys, needed with ``sparse_config.use_nope``.
@@ -82,7 +47,6 @@ def infllmv2_attention(q_btnd: jax.Array, k_btkd: jax.Array, v_btkd: jax.Array, 
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
-    sparse_config = as_sparse_params(sparse_config)
     k_score = _scoring_keys(sparse_config, scoring_keys)
     if implementation == "pallas":
         return attention_pallas(q_btnd, k_btkd, v_btkd, sparse_config, segment_ids,

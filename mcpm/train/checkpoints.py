@@ -88,14 +88,11 @@ class RunCheckpoints:
                  asynchronous: bool = True, create: bool = True):
         self.workdir = Path(workdir).resolve()
         self.directory = self.workdir / "checkpoints"
-        self._options = dict(max_to_keep=keep_last, keep_period=keep_every or None,
-                             enable_async_checkpointing=asynchronous)
         self.damaged: list[tuple[int, str]] = []   # (step, why) skipped by the last restore
         quiet_orbax()
-        self._open(create)
-
-    def _open(self, create: bool) -> None:
-        options = ocp.CheckpointManagerOptions(create=create, **self._options)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep_last, keep_period=keep_every or None,
+            enable_async_checkpointing=asynchronous, create=create)
         # one file tree per array (no OCDBT): a damaged file names the array it belongs to
         self.manager = ocp.CheckpointManager(
             self.directory, options=options,
@@ -208,20 +205,11 @@ class RunCheckpoints:
         (:meth:`quarantine_damaged` moves them aside); if every step is damaged,
         NoRestorableCheckpointError lists why each failed. Nothing on disk changes here."""
         have = self.steps()
-        if step is not None:
-            if step not in have:
-                raise FileNotFoundError(f"no checkpoint at step {step} in {self.directory} "
-                                        f"(have: {have or 'none'})")
-            try:
-                return self._restore_one(step, abstract_state, allow_missing_data_state)
-            except UserError:
-                raise
-            except Exception as e:  # noqa: BLE001 - damage; the caller asked for this step
-                raise NoRestorableCheckpointError(
-                    f"checkpoint {self.directory / str(step)} cannot be restored: "
-                    f"{_brief(e)}") from None
+        if step is not None and step not in have:
+            raise FileNotFoundError(f"no checkpoint at step {step} in {self.directory} "
+                                    f"(have: {have or 'none'})")
         damaged = []
-        for s in reversed(have):
+        for s in [step] if step is not None else reversed(have):
             try:
                 restored = self._restore_one(s, abstract_state, allow_missing_data_state)
             except UserError:

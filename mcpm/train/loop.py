@@ -9,6 +9,7 @@ at the end, and on SIGTERM or Ctrl-C, after which the run stops cleanly.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -28,8 +29,8 @@ from mcpm.sharding import describe
 from mcpm.train.checkpoints import RunCheckpoints
 from mcpm.train.metrics import MetricsWriter, plot_metrics
 from mcpm.train.program import build_train_program, schedule_span
-from mcpm.train.resume import (CONFIG_FILE, ResumeError, check_same_run, move_aside,
-                               read_saved_config, schedule_change)
+from mcpm.train.resume import (CONFIG_FILE, ResumeError, check_same_run, holds_files,
+                               move_aside, saved_run_config, schedule_change)
 from mcpm.train.step import BATCH_KEYS
 
 
@@ -129,72 +130,83 @@ def train(cfg: Config, *, data=None, progress: bool = True, reinit: bool = False
     model_cfg = cfg.model
     global_batch, seq_len = cfg.data.batch_size, cfg.data.seq_len
 
-    # 1. Is this the same run? Nothing is written until every check has passed.
-    existing = RunCheckpoints(run_dir, t.keep_last, t.keep_every, create=False)
-    saved = None if reinit else (read_saved_config(run_dir) or existing.saved_config())
-    changes = [] if saved is None else check_same_run(saved, cfg, run_dir)
-    source_ckpts, branch_new_data = None, False
-    if branch_from is not None and (saved is None or not existing.steps()):
-        source_ckpts = RunCheckpoints(branch_from, t.keep_last, t.keep_every, create=False)
-        if decay_start not in source_ckpts.steps():
-            raise ResumeError(f"decay_from={decay_start}: {branch_from} has no checkpoint at step "
-                              f"{decay_start} (it has: {source_ckpts.steps() or 'none'}); "
-                              "branch from one of those steps")
-        main_saved = read_saved_config(branch_from) or source_ckpts.saved_config()
-        if main_saved is not None:
-            check_same_run(main_saved, cfg, run_dir, branch_of=branch_from)
-            branch_new_data = main_saved["data"] != to_dict(cfg.data)
+    # Steps 1-3 only read (the workdirs' checkpoint managers are opened without creating
+    # anything); nothing is written until every check has passed.
+    with contextlib.ExitStack() as readers:
+        existing = readers.enter_context(contextlib.closing(
+            RunCheckpoints(run_dir, t.keep_last, t.keep_every, create=False)))
 
-    # 2. The program (the mesh may not fit the devices) and the data (sources may be unusable)
-    program = build_train_program(cfg)
-    source = data if data is not None else make_iterator(
-        cfg.data, process_index=jax.process_index(), process_count=jax.process_count())
-    vocab = getattr(source, "vocab_size", None)
-    if vocab is not None and vocab > model_cfg.vocab_size:
-        raise ConfigError(f"the tokenizer {getattr(source, 'tokenizer_path', '')} has {vocab} "
-                          f"pieces but model.vocab_size is {model_cfg.vocab_size}: raise "
-                          "model.vocab_size or use a smaller tokenizer (data.tokenizer)")
-
-    # 3. Restore (read only): this run's latest checkpoint, or the branch's fork point
-    restored = None if reinit else existing.restore(
-        program.abstract_state, allow_missing_data_state=restart_data)
-    data_state, note = None, "fresh start"
-    if restored is not None:
-        start, state, _, data_state = restored
-        note = f"resumed from step {start}"
-        line, jump = schedule_change(saved or restored[2], cfg, start)
-        if jump and not confirm_schedule_change:
+        # 1. Is this the same run?
+        saved = None if reinit else saved_run_config(run_dir, existing)
+        if saved is None and not reinit and holds_files(run_dir):
             raise ResumeError(
-                f"{line}. Pass --yes (confirm_schedule_change=True) to continue with this "
-                "schedule; to decay from a stable-phase checkpoint instead, run a branch decay "
-                "(decay_from=STEP decay_steps=N), which leaves this run as it is.")
-        if line:
-            changes.append(line)
-    elif source_ckpts is not None:
-        start, state, source_cfg, data_state = source_ckpts.restore(
-            program.abstract_state, step=decay_start,
-            allow_missing_data_state=restart_data or branch_new_data)
-        if source_cfg.get("data") != to_dict(cfg.data):
-            data_state = None  # the decay switches the data mixture: a fresh pipeline
-            changes.append("the branch decays on other data: its data pipeline starts afresh")
-        note = f"branch decay from step {start} of {branch_from}"
-    else:
-        start = 0
-        state = None
-    if start >= total:
-        return {"run_dir": str(run_dir), "step": start, "note": f"already at step {start}",
-                "preempted": False}
+                f"{run_dir} holds files but no mcpm run (no {CONFIG_FILE}, no readable "
+                f"checkpoint): a run there would write over them (model/, metrics.jsonl). Give "
+                "a new or empty workdir, or pass --reinit to move this directory aside")
+        changes = [] if saved is None else check_same_run(saved, cfg, run_dir)
+        source_ckpts, branch_new_data = None, False
+        if branch_from is not None and (saved is None or not existing.steps()):
+            source_ckpts = readers.enter_context(contextlib.closing(
+                RunCheckpoints(branch_from, t.keep_last, t.keep_every, create=False)))
+            if decay_start not in source_ckpts.steps():
+                raise ResumeError(
+                    f"decay_from={decay_start}: {branch_from} has no checkpoint at step "
+                    f"{decay_start} (it has: {source_ckpts.steps() or 'none'}); branch from "
+                    "one of those steps")
+            main_saved = saved_run_config(branch_from, source_ckpts)
+            if main_saved is not None:
+                check_same_run(main_saved, cfg, run_dir, branch_of=branch_from)
+                branch_new_data = main_saved["data"] != to_dict(cfg.data)
 
-    # 4. The run goes on: now write
-    if reinit and run_dir.exists():
-        moved = move_aside(run_dir) if is_main else None
-        _say(is_main, f"--reinit: moved the previous run to {moved}")
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_yaml(cfg, run_dir / CONFIG_FILE)
-    for line in existing.quarantine_damaged():
-        warnings.warn(line, stacklevel=2)
-    existing.close()
+        # 2. The program (the mesh may not fit the devices), the data (sources may be unusable)
+        program = build_train_program(cfg)
+        source = data if data is not None else make_iterator(
+            cfg.data, process_index=jax.process_index(), process_count=jax.process_count())
+        vocab = getattr(source, "vocab_size", None)
+        if vocab is not None and vocab > model_cfg.vocab_size:
+            raise ConfigError(f"the tokenizer {getattr(source, 'tokenizer_path', '')} has "
+                              f"{vocab} pieces but model.vocab_size is {model_cfg.vocab_size}: "
+                              "raise model.vocab_size or use a smaller tokenizer "
+                              "(data.tokenizer)")
+
+        # 3. Restore: this run's latest checkpoint, or the branch's fork point
+        restored = None if reinit else existing.restore(
+            program.abstract_state, allow_missing_data_state=restart_data)
+        data_state, note, state = None, "fresh start", None
+        start = 0
+        if restored is not None:
+            start, state, _, data_state = restored
+            note = f"resumed from step {start}"
+            line, jump = schedule_change(saved or restored[2], cfg, start)
+            if jump and not confirm_schedule_change:
+                raise ResumeError(
+                    f"{line}. Pass --yes (confirm_schedule_change=True) to continue with this "
+                    "schedule; to decay from a stable-phase checkpoint instead, run a branch "
+                    "decay (decay_from=STEP decay_steps=N), which leaves this run as it is.")
+            if line:
+                changes.append(line)
+        elif source_ckpts is not None:
+            start, state, _, data_state = source_ckpts.restore(
+                program.abstract_state, step=decay_start,
+                allow_missing_data_state=restart_data or branch_new_data)
+            if branch_new_data:
+                data_state = None  # the decay switches the data mixture: a fresh pipeline
+                changes.append("the branch decays on other data: its data pipeline starts "
+                               "afresh")
+            note = f"branch decay from step {start} of {branch_from}"
+        if start >= total:
+            return {"run_dir": str(run_dir), "step": start, "note": f"already at step {start}",
+                    "preempted": False}
+
+        # 4. The run goes on: now write
+        if reinit and run_dir.exists():
+            moved = move_aside(run_dir) if is_main else None
+            _say(is_main, f"--reinit: moved the previous run to {moved}")
+        if is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_yaml(cfg, run_dir / CONFIG_FILE)
+        for line in existing.quarantine_damaged():
+            warnings.warn(line, stacklevel=2)
     ckpts = RunCheckpoints(run_dir, t.keep_last, t.keep_every)
     if state is None:
         state = program.init()

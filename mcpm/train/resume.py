@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from mcpm.config import Config, ConfigError, UserError, from_dict, to_dict
+from mcpm.train.program import schedule_span
 from mcpm.train.schedule import decay_start_step, wsd_schedule
 
 CONFIG_FILE = "config.yaml"
@@ -72,19 +73,36 @@ def _show(value) -> str:
     return text if len(text) <= 120 else text[:117] + "..."
 
 
-def read_saved_config(run_dir: Path) -> dict | None:
-    """The resolved config a run saved (``RUN/config.yaml``), as a plain dict with every key
-    filled in (an older file may lack keys added since); None when there is none."""
-    path = Path(run_dir) / CONFIG_FILE
-    if not path.is_file():
-        return None
+def _complete(data: dict, source: str) -> dict:
+    """A saved config as a plain dict with every key filled in (an older run's may lack keys
+    added since), so that it compares key by key with a new one."""
     try:
-        data = yaml.safe_load(path.read_text()) or {}
         return to_dict(from_dict(Config, data))
-    except (OSError, yaml.YAMLError, ConfigError) as e:
-        raise ResumeError(f"{path}: cannot read the run's saved config ({e}); it is needed to "
-                          "check that this command continues the same run. Fix the file, or "
-                          "start over with --reinit (the old run is moved aside)") from None
+    except ConfigError as e:
+        raise ResumeError(f"{source}: cannot read the run's saved config ({e}); it is needed to "
+                          "check that this command continues the same run. Fix it, or start "
+                          "over with --reinit (the old run is moved aside)") from None
+
+
+def saved_run_config(run_dir: Path, ckpts) -> dict | None:
+    """The config of the run in ``run_dir``: its ``config.yaml``, else the config saved with
+    its newest readable checkpoint (``ckpts``, its :class:`RunCheckpoints`); None when neither
+    exists."""
+    path = Path(run_dir) / CONFIG_FILE
+    if path.is_file():
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ResumeError(f"{path}: cannot read the run's saved config ({e}); fix the file, "
+                              "or start over with --reinit (the old run is moved aside)") from None
+        return _complete(data, str(path))
+    data = ckpts.saved_config()
+    return None if data is None else _complete(data, f"the checkpoints in {ckpts.directory}")
+
+
+def holds_files(run_dir: Path) -> bool:
+    """Whether ``run_dir`` exists and holds anything."""
+    return Path(run_dir).is_dir() and any(Path(run_dir).iterdir())
 
 
 def differences(old: dict, new: dict, allowed: tuple[str, ...] = ()) -> list[tuple[str, object,
@@ -103,6 +121,7 @@ def check_same_run(saved: dict, cfg: Config, run_dir: Path, *, branch_of: Path |
     new = to_dict(cfg)
     allowed = BRANCHABLE if branch_of is not None else RESUMABLE
     refused = differences(saved, new, allowed)
+    may = "a branch decay" if branch_of is not None else "a resume"
     if refused:
         lines = "\n".join(f"  {k}: {_show(o)} -> {_show(n)}" for k, o, n in refused)
         what = (f"branch from the run in {branch_of}" if branch_of is not None
@@ -110,26 +129,19 @@ def check_same_run(saved: dict, cfg: Config, run_dir: Path, *, branch_of: Path |
         raise ResumeError(
             f"this config cannot {what}; it differs from that run's {CONFIG_FILE} in:\n{lines}\n"
             f"Either give the new run its own workdir (workdir=...), or start over in this one "
-            f"with --reinit (the old run is moved aside, not deleted). Keys that may change "
-            f"on resume: {', '.join(a + '*' if a.endswith('.') else a for a in RESUMABLE)}.")
+            f"with --reinit (the old run is moved aside, not deleted). Keys that {may} may "
+            f"change: {', '.join(a + '*' if a.endswith('.') else a for a in allowed)}.")
     return [f"{k}: {_show(o)} -> {_show(n)}" for k, o, n in differences(saved, new)]
-
-
-def _span(cfg_dict: dict) -> tuple[int, int | None]:
-    t = cfg_dict["train"]
-    if t["decay_from"] >= 0:
-        return t["decay_from"] + t["decay_steps"], t["decay_from"]
-    return t["steps"], None
 
 
 def schedule_change(saved: dict, cfg: Config, step: int) -> tuple[str | None, bool]:
     """(one line describing how the lr schedule changes at the resume ``step``, or None; whether
     the change makes the lr jump there and so needs the user's confirmation)."""
-    new = to_dict(cfg)
-    (old_total, old_start), (new_total, new_start) = _span(saved), _span(new)
+    old_cfg = from_dict(Config, saved)
+    (old_total, old_start), (new_total, new_start) = schedule_span(old_cfg), schedule_span(cfg)
     if (old_total, old_start) == (new_total, new_start):
         return None, False
-    old_sched, new_sched = (from_dict(Config, saved).train.schedule, cfg.train.schedule)
+    old_sched, new_sched = old_cfg.train.schedule, cfg.train.schedule
     old_lr = float(wsd_schedule(old_sched, old_total, old_start)(step))
     new_lr = float(wsd_schedule(new_sched, new_total, new_start)(step))
     old_decay = decay_start_step(old_total, old_sched) if old_start is None else old_start
