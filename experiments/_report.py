@@ -1,5 +1,5 @@
-"""Shared by the benchmark scripts: the machine's facts, its measured matmul peak, and the
-Markdown report (printed and saved)."""
+"""Shared by the benchmark scripts: the machine's facts, its measured matmul peak, synthetic
+train batches, and the Markdown report (printed and saved)."""
 import os
 import platform
 import subprocess
@@ -8,6 +8,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def write_report(markdown: str, out: str | Path) -> None:
@@ -56,3 +57,21 @@ def measure_peak(dtype, n: int, repeats: int) -> float:
         jax.block_until_ready(f(a, b))
         best = min(best, time.perf_counter() - t0)
     return 2.0 * n ** 3 / best / 1e9
+
+
+def synthetic_batch(vocab: int, batch: int, seq: int, documents: int | None = 1) -> dict:
+    """A train step's host batch of random tokens: ``documents`` packed documents a row (as the
+    packing pipeline makes them), or ``None`` for no ``segment_ids`` at all (one document a row,
+    which lets cuDNN attention take it)."""
+    ids = np.random.default_rng(0).integers(3, vocab, (batch, seq + 1)).astype(np.int32)
+    out = {"inputs": ids[:, :-1], "targets": ids[:, 1:],
+           "weights": np.ones((batch, seq), np.float32)}
+    cuts = [seq * i // (documents or 1) for i in range((documents or 1) + 1)]
+    seg = np.zeros((batch, seq), np.int32)
+    pos = np.zeros((batch, seq), np.int32)
+    for d, (a, b) in enumerate(zip(cuts, cuts[1:])):
+        seg[:, a:b], pos[:, a:b] = d + 1, np.arange(b - a)
+    out["positions"] = pos
+    if documents is not None:
+        out["segment_ids"] = seg
+    return out

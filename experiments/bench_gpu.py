@@ -56,7 +56,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "experiments"))
 
-from _report import machine_info, measure_peak, write_report  # noqa: E402
+from _report import machine_info, measure_peak, synthetic_batch, write_report  # noqa: E402
 
 # Dense bfloat16 tensor-core peak and HBM bandwidth from the vendors' spec sheets (SXM parts).
 SPECS = {"H200": (989.4e12, 4.8e12), "H100": (989.4e12, 3.35e12), "A100": (312e12, 2.0e12),
@@ -138,26 +138,9 @@ def _train_config(sizes, batch, seq, extra=()):
         "mesh.tensor=1", "model.compute_dtype=bfloat16", *extra])
 
 
-def _synthetic_batch(cfg, batch, seq, packed: bool):
-    rng = np.random.default_rng(0)
-    ids = rng.integers(3, cfg.model.vocab_size, (batch, seq + 1)).astype(np.int32)
-    seg = np.ones((batch, seq), np.int32)
-    pos = np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy()
-    if packed:   # three documents a row, as the packing pipeline makes them
-        cuts = (seq // 3, 2 * seq // 3)
-        seg[:, cuts[0]:] = 2
-        seg[:, cuts[1]:] = 3
-        for a, b in zip((0, *cuts), (*cuts, seq)):
-            pos[:, a:b] = np.arange(b - a)
-    return {"inputs": ids[:, :-1], "targets": ids[:, 1:],
-            "weights": np.ones((batch, seq), np.float32), "positions": pos,
-            "segment_ids": seg}
-
-
 def cell_train(args, sizes, report):
     from mcpm.train.loop import model_flops_per_token
     from mcpm.train.program import build_train_program
-    from mcpm.train import step as step_mod
     peak = (report.get("matmul") or {}).get("bf16_tflops")
     spec, _ = spec_of(jax.devices()[0].device_kind)
     rows = []
@@ -166,15 +149,13 @@ def cell_train(args, sizes, report):
             cfg = _train_config(sizes, batch, seq)
             program = build_train_program(cfg)
             state = program.init()
-            host = _synthetic_batch(cfg, batch, seq, packed)
-            if not packed:   # one document per row: the step gets no segment ids at all
-                host.pop("segment_ids")
+            # packed: three documents a row, as the pipeline makes them; else no segment ids
+            host = synthetic_batch(cfg.model.vocab_size, batch, seq, 3 if packed else None)
             data = jax.device_put(host, program.batch_sharding)
-            step = program.step if packed else _unpacked_step(program, step_mod)
             holder = {"state": state}
 
             def run():
-                holder["state"], metrics = step(holder["state"], data)
+                holder["state"], metrics = program.step(holder["state"], data)
                 return metrics["loss"]
             t0 = time.perf_counter()
             jax.block_until_ready(run())
@@ -190,20 +171,6 @@ def cell_train(args, sizes, report):
             holder.clear()   # free this program's state before the next one is made
             _save_partial(args, report, "train", rows)
     return rows
-
-
-def _unpacked_step(program, step_mod):
-    """The program's step for batches without segment ids (whole rows, one document each)."""
-    cfg = program.cfg
-    t = cfg.train
-    fn = step_mod.make_train_step(cfg.model, program.tx, program.schedule, z_loss=t.z_loss,
-                                  accum_steps=t.accum_steps, loss_chunk=t.loss_chunk)
-
-    def no_segments(state, batch):
-        return fn(state, dict(batch, segment_ids=None))
-    b_sh = {k: program.batch_sharding for k in ("inputs", "targets", "weights", "positions")}
-    return jax.jit(no_segments, in_shardings=(program.state_shardings, b_sh),
-                   out_shardings=(program.state_shardings, None), donate_argnums=0)
 
 
 def _model(sizes, *overrides):

@@ -64,9 +64,6 @@ def mcpm_config(batch: int, seq: int):
                        SHAPE + [f"data.batch_size={batch}", f"data.seq_len={seq}"])
 
 
-def tokens(cfg, batch, seq):
-    rng = np.random.default_rng(0)
-    return rng.integers(3, cfg.model.vocab_size, (batch, seq + 1)).astype(np.int64)
 
 
 def worker_mcpm(work: Path, batch: int, seq: int) -> dict:
@@ -77,21 +74,18 @@ def worker_mcpm(work: Path, batch: int, seq: int) -> dict:
     import mcpm
     from mcpm.train.program import build_train_program
 
+    from _report import synthetic_batch
     cfg = mcpm_config(batch, seq)
-    ids = tokens(cfg, batch, seq)
+    host = synthetic_batch(cfg.model.vocab_size, batch, seq)
     model = mcpm.from_pretrained(work / "hf")
     graphdef, state = nnx.split(model)
     fwd = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x))
-    x = jnp.asarray(ids[:, :-1], jnp.int32)
+    x = jnp.asarray(host["inputs"])
     np.save(work / "mcpm_logits.npy", np.asarray(fwd(state, x[:1, :64])))
     out = {"forward_s": best_of(lambda: jax.block_until_ready(fwd(state, x)))}
     program = build_train_program(cfg)
     holder = {"state": program.init()}
-    data = jax.device_put({
-        "inputs": ids[:, :-1].astype(np.int32), "targets": ids[:, 1:].astype(np.int32),
-        "weights": np.ones((batch, seq), np.float32),
-        "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)),
-        "segment_ids": np.ones((batch, seq), np.int32)}, program.batch_sharding)
+    data = jax.device_put(host, program.batch_sharding)
 
     def step():
         holder["state"], metrics = program.step(holder["state"], data)
@@ -124,8 +118,9 @@ def worker_official(work: Path, models: Path, batch: int, seq: int) -> dict:
     model = modeling.MiniCPMForCausalLM.from_pretrained(
         work / "hf", config=hf_cfg, torch_dtype=torch.float32, attn_implementation="sdpa")
     model.config.use_cache = False
+    from _report import synthetic_batch
     cfg = mcpm_config(batch, seq)
-    ids = torch.from_numpy(tokens(cfg, batch, seq)[:, :-1])
+    ids = torch.from_numpy(synthetic_batch(cfg.model.vocab_size, batch, seq)["inputs"]).long()
     model.eval()
     with torch.no_grad():
         np.save(work / "official_logits.npy", model(ids[:1, :64]).logits.numpy())

@@ -24,7 +24,8 @@ CASES = [("tiny", "configs/tiny.yaml", 16, 256), ("tunnel-0.1b", "configs/tunnel
 
 def worker(config: str, batch: int, seq_len: int, steps: int, mesh: str) -> dict:
     import jax
-    import numpy as np
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from _report import synthetic_batch
 
     from mcpm.config import load_config
     from mcpm.train.loop import measure_peak_flops, model_flops_per_token
@@ -38,12 +39,7 @@ def worker(config: str, batch: int, seq_len: int, steps: int, mesh: str) -> dict
     # the step a run executes (schedule, z-loss, accumulation, shardings: the config's)
     program = build_train_program(cfg)
     state, step, b_sh = program.init(), program.step, program.batch_sharding
-    rng = np.random.default_rng(0)
-    ids = rng.integers(3, cfg.model.vocab_size, (batch, seq_len + 1)).astype(np.int32)
-    host = {"inputs": ids[:, :-1], "targets": ids[:, 1:],
-            "weights": np.ones((batch, seq_len), np.float32),
-            "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch, seq_len)),
-            "segment_ids": np.ones((batch, seq_len), np.int32)}
+    host = synthetic_batch(cfg.model.vocab_size, batch, seq_len)
     gbatch = jax.device_put(host, b_sh)
     t0 = time.perf_counter()
     state, metrics = step(state, gbatch)

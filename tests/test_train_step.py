@@ -94,6 +94,22 @@ def test_non_finite_gradients_skip_the_update_and_count():
     assert int(metrics["skipped"]) == 2 and int(state["step"]) == 2
 
 
+def test_a_batch_without_segment_ids_is_one_document_per_row():
+    """As all-ones segment ids: causal over the whole row (the form cuDNN attention takes)."""
+    params, tx = setup(4)
+    batch = batch_of(6)
+    whole = dict(batch, segment_ids=jnp.ones_like(batch["segment_ids"]),
+                 positions=jnp.broadcast_to(jnp.arange(12, dtype=jnp.int32), (4, 12)),
+                 weights=jnp.ones_like(batch["weights"]))
+    bare = {k: v for k, v in whole.items() if k != "segment_ids"}
+    step = jax.jit(make_train_step(MODEL, tx, wsd_schedule(SCHED, 10)))
+    _, with_ids = step(init_state(params, tx), whole)
+    _, without = step(init_state(params, tx), bare)
+    # the same masked arithmetic (only where the mask comes from differs): a few ulps at most
+    np.testing.assert_allclose(float(without["loss"]), float(with_ids["loss"]),
+                               rtol=8 * np.finfo(np.float32).eps)
+
+
 def test_the_chunked_loss_gives_the_same_step():
     """loss_chunk = 5 on T = 12 (a ragged last chunk), untied head: same loss, gradient norm and
     update as the whole-sequence loss, up to float32 reassociation of the sums."""

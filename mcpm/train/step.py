@@ -4,7 +4,8 @@ clipping + AdamW via the optax chain, and a skipped update when anything is not 
 Train state is a plain dict (``step``, ``params`` by mcpm name, ``opt_state``, ``skipped``),
 so orbax, optax and the sharding rules all see parameters under their mcpm names. The step is
 a pure function meant for ``jax.jit(..., donate_argnums=0)``; see :mod:`mcpm.train.loop`.
-Batch: ``inputs``, ``targets``, ``weights``, ``positions``, ``segment_ids``, all ``[B, T]``.
+Batch: ``inputs``, ``targets``, ``weights``, ``positions``, ``segment_ids``, all ``[B, T]``;
+without ``segment_ids`` every row is one document.
 """
 from __future__ import annotations
 
@@ -35,9 +36,6 @@ class ModelApply:
         state = jax.tree.map(lambda x: x, self._template)
         nnx.replace_by_pure_dict(state, params)
         return nnx.merge(self.graphdef, state)
-
-    def __call__(self, params: dict, inputs_bt, positions_bt=None, segment_ids_bt=None):
-        return self.model(params)(inputs_bt, positions=positions_bt, segment_ids=segment_ids_bt)
 
 
 def init_state(params: dict, tx: optax.GradientTransformation) -> dict:
@@ -72,15 +70,14 @@ def make_train_step(model_cfg: ModelConfig, tx: optax.GradientTransformation,
     def sums_and_grads(params, micro):
         def objective(p):
             model = apply.model(p)
+            # no segment_ids: one document per row (cuDNN attention can take such a batch)
+            out = model(micro["inputs"], positions=micro["positions"],
+                        segment_ids=micro.get("segment_ids"), return_hidden=bool(loss_chunk))
             if loss_chunk:
-                x = model(micro["inputs"], positions=micro["positions"],
-                          segment_ids=micro["segment_ids"], return_hidden=True)
-                sums = chunked_cross_entropy_sums(x, model.logits, micro["targets"],
+                sums = chunked_cross_entropy_sums(out, model.logits, micro["targets"],
                                                   micro["weights"], loss_chunk)
             else:
-                logits = model(micro["inputs"], positions=micro["positions"],
-                               segment_ids=micro["segment_ids"])
-                sums = cross_entropy_sums(logits, micro["targets"], micro["weights"])
+                sums = cross_entropy_sums(out, micro["targets"], micro["weights"])
             return sums["nll"] + z_loss * sums["z"], sums
         # the backward pass is traced here, outside the model's call: the same precision
         with precision_scope(model_cfg):
