@@ -1,6 +1,7 @@
 """The Hugging Face-style entry points: ``from_pretrained`` and friends."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import jax
@@ -9,9 +10,11 @@ import numpy as np
 from flax import nnx
 
 from mcpm.checkpoint import is_mcpm_checkpoint, load_checkpoint
-from mcpm.config import ModelConfig
+from mcpm.config import ModelConfig, SparseConfig, from_dict
 from mcpm.hf import CheckpointError, is_hf_dir, read_hf_checkpoint
 from mcpm.model.minicpm4 import DTYPES, MiniCPM4
+from mcpm_kernels.infllmv2 import infllmv2_attention as _infllmv2_attention
+from mcpm_kernels.infllmv2 import infllmv2_block_mask as _infllmv2_block_mask
 
 
 def load_params(path: str | Path, progress: bool = False, **run_options
@@ -65,3 +68,22 @@ def from_pretrained(path: str | Path, *, param_dtype: str | None = None,
                    if v is not None}
     cfg, _, params = load_params(path, progress=progress, **run_options)
     return model_from_params(cfg, params)
+
+
+def _sparse_config(sparse_config) -> SparseConfig:
+    """An official ``sparse_config`` dict (a config.json's block) as a checked SparseConfig."""
+    if isinstance(sparse_config, Mapping):
+        return from_dict(SparseConfig, dict(sparse_config), "sparse_config")
+    return sparse_config
+
+
+def infllmv2_attention(q_btnd, k_btkd, v_btkd, sparse_config, **kwargs):
+    """:func:`mcpm_kernels.infllmv2.infllmv2_attention` (see there), taking ``sparse_config`` as
+    a :class:`SparseConfig` or as the official dict."""
+    return _infllmv2_attention(q_btnd, k_btkd, v_btkd, _sparse_config(sparse_config), **kwargs)
+
+
+def infllmv2_block_mask(q_btnd, k_btkd, sparse_config, **kwargs):
+    """:func:`mcpm_kernels.infllmv2.infllmv2_block_mask` (see there), taking ``sparse_config``
+    as a :class:`SparseConfig` or as the official dict."""
+    return _infllmv2_block_mask(q_btnd, k_btkd, _sparse_config(sparse_config), **kwargs)

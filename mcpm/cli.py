@@ -192,7 +192,7 @@ TRAIN_ALIASES = ("workdir", "steps", "decay_from", "decay_steps")
 def _load_train_config(args):
     """``args.config`` with the train overrides; errors quote the overrides as typed."""
     from mcpm.config import ConfigError, load_config
-    typed = _overrides_and_extras(args.overrides)
+    typed = list(args.overrides)
     try:
         return load_config(args.config, _train_overrides(typed))
     except ConfigError as e:

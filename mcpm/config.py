@@ -160,7 +160,8 @@ class ModelConfig:
 
     def __post_init__(self):
         for name, tp in (("attention_impl", AttentionImpl),
-                         ("sparse_attention_impl", SparseAttentionImpl)):
+                         ("sparse_attention_impl", SparseAttentionImpl),
+                         ("matmul_precision", MatmulPrecision)):
             choices = typing.get_args(tp)
             if getattr(self, name) not in choices:
                 raise ConfigError(f"model.{name}: {getattr(self, name)!r} is not one of "

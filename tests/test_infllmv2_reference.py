@@ -199,5 +199,7 @@ def test_the_official_sparse_config_dict_works_like_sparse_config():
         np.asarray(mcpm.infllmv2_attention(q, k, v, SMALL, implementation="reference")))
     np.testing.assert_array_equal(np.asarray(mcpm.infllmv2_block_mask(q, k, official)),
                                   np.asarray(mcpm.infllmv2_block_mask(q, k, SMALL)))
-    with pytest.raises(ValueError, match=r"unknown key\(s\) \['top_k'\]"):
+    # checked as a config is: an unknown key is named, with the closest one
+    with pytest.raises(mcpm.ConfigError, match="unknown config key 'sparse_config.top_k'; did "
+                                               "you mean 'topk'"):
         mcpm.infllmv2_attention(q, k, v, {**official, "top_k": 3})
