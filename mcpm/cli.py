@@ -410,6 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--prompt", default=DEFAULT_PROMPT)
     d.add_argument("overrides", nargs="*", help="key=value for the training run, e.g. steps=50")
     d.set_defaults(func=cmd_demo)
+
+    from mcpm.tunnel.cli import register
+    register(sub)
     return p
 
 

@@ -372,9 +372,14 @@ class DataConfig:
     order depends on the number of workers, so resume with the same number); ``prefetch``
     batches are prepared ahead (per worker with workers, else in a background thread).
     The same ``seed`` gives the same batches; every epoch is reshuffled.
+
+    ``eval_sources``: the held-out text that ``eval_loss`` is measured on (never trained on);
+    empty: the built-in corpus' ``validation`` split when every training source is the built-in
+    ``train`` split, else no evaluation (give your own held-out files here).
     """
 
     sources: tuple[DataSourceConfig, ...] = (DataSourceConfig(),)
+    eval_sources: tuple[DataSourceConfig, ...] = ()
     seq_len: int = 512
     batch_size: int = 16
     seed: int = 0
@@ -408,41 +413,60 @@ class DataConfig:
         if self.builtin_vocab_size < 259:
             raise ConfigError(f"data.builtin_vocab_size must be >= 259 (3 special ids and 256 "
                               f"byte pieces), got {self.builtin_vocab_size}")
-        labels = set()
-        for i, src in enumerate(self.sources):
-            where = f"data.sources[{i}]"
-            if not (src.weight > 0 and math.isfinite(src.weight)):
-                raise ConfigError(f"{where}.weight must be a positive number, got {src.weight}")
-            if src.kind == "builtin" and src.split not in ("train", "validation"):
-                raise ConfigError(f"{where}.split: the built-in corpus has the splits 'train' and "
-                                  f"'validation', got {src.split!r}"
-                                  + _suggest(src.split, ["train", "validation"]))
-            if src.kind == "tfds" and not src.name:
-                raise ConfigError(f"{where}.name: a tfds source needs the dataset's name "
-                                  "(e.g. name: my_corpus or my_corpus:1.0.0)")
-            if src.kind == "files" and not src.paths:
-                raise ConfigError(f"{where}.paths: a files source needs glob patterns "
-                                  "(e.g. paths: ['data/*.jsonl'])")
-            if src.kind == "files" and any(not p.strip() for p in src.paths):
-                raise ConfigError(f"{where}.paths holds an empty pattern")
-            used = {"builtin": {"split"}, "tfds": {"name", "split", "data_dir", "text_key"},
-                    "files": {"paths", "format", "txt_document", "text_key"}}[src.kind]
-            for f in ("split", "name", "data_dir", "text_key", "paths", "format", "txt_document"):
-                if f not in used and getattr(src, f) != getattr(DataSourceConfig, f):
-                    raise ConfigError(f"{where}.{f} is not used by kind {src.kind!r} (it belongs "
-                                      f"to kind {_kinds_using(f)})")
-            if not src.text_key:
-                raise ConfigError(f"{where}.text_key must not be empty")
-            name = src.display_name()
-            if name in labels:
-                raise ConfigError(f"{where}: two sources are both called {name!r}; give one a "
-                                  "different label")
-            labels.add(name)
+        _check_sources(self.sources, "data.sources")
+        _check_sources(self.eval_sources, "data.eval_sources")
+        trained = {(s.kind, s.name, s.split, s.data_dir, s.paths) for s in self.sources}
+        for i, src in enumerate(self.eval_sources):
+            if (src.kind, src.name, src.split, src.data_dir, src.paths) in trained:
+                raise ConfigError(f"data.eval_sources[{i}] ({src.display_name()}) is also a "
+                                  "training source: held-out loss needs text the model never "
+                                  "trains on (e.g. the built-in split 'validation')")
+
+    def eval_source_list(self) -> tuple[DataSourceConfig, ...]:
+        """The held-out sources ``eval_loss`` is measured on (see the class docstring)."""
+        if self.eval_sources:
+            return self.eval_sources
+        if all(s.kind == "builtin" and s.split == "train" for s in self.sources):
+            return (DataSourceConfig(kind="builtin", split="validation"),)
+        return ()
 
     @property
     def piece_len(self) -> int:
         """The longest packed segment: ``max_doc_tokens``, or ``seq_len`` when 0."""
         return self.max_doc_tokens or self.seq_len
+
+
+def _check_sources(sources, key: str) -> None:
+    labels = set()
+    for i, src in enumerate(sources):
+        where = f"{key}[{i}]"
+        if not (src.weight > 0 and math.isfinite(src.weight)):
+            raise ConfigError(f"{where}.weight must be a positive number, got {src.weight}")
+        if src.kind == "builtin" and src.split not in ("train", "validation"):
+            raise ConfigError(f"{where}.split: the built-in corpus has the splits 'train' and "
+                              f"'validation', got {src.split!r}"
+                              + _suggest(src.split, ["train", "validation"]))
+        if src.kind == "tfds" and not src.name:
+            raise ConfigError(f"{where}.name: a tfds source needs the dataset's name "
+                              "(e.g. name: my_corpus or my_corpus:1.0.0)")
+        if src.kind == "files" and not src.paths:
+            raise ConfigError(f"{where}.paths: a files source needs glob patterns "
+                              "(e.g. paths: ['data/*.jsonl'])")
+        if src.kind == "files" and any(not p.strip() for p in src.paths):
+            raise ConfigError(f"{where}.paths holds an empty pattern")
+        used = {"builtin": {"split"}, "tfds": {"name", "split", "data_dir", "text_key"},
+                "files": {"paths", "format", "txt_document", "text_key"}}[src.kind]
+        for f in ("split", "name", "data_dir", "text_key", "paths", "format", "txt_document"):
+            if f not in used and getattr(src, f) != getattr(DataSourceConfig, f):
+                raise ConfigError(f"{where}.{f} is not used by kind {src.kind!r} (it belongs "
+                                  f"to kind {_kinds_using(f)})")
+        if not src.text_key:
+            raise ConfigError(f"{where}.text_key must not be empty")
+        name = src.display_name()
+        if name in labels:
+            raise ConfigError(f"{where}: two sources are both called {name!r}; give one a "
+                              "different label")
+        labels.add(name)
 
 
 def _kinds_using(field: str) -> str:
@@ -529,6 +553,11 @@ class TrainConfig:
     ``loss_chunk`` > 0 computes the loss ``loss_chunk`` positions at a time, recomputing each
     piece's logits in the backward pass: the float32 ``[B, T, V]`` logits (4.8 GB at 8 x 2048
     tokens and MiniCPM4's 73K vocabulary) are never held at once. 0: the whole sequence.
+
+    ``eval_every`` > 0 measures the held-out loss (``eval_loss``, on ``data.eval_sources``)
+    every that many steps; it is also measured at the end of every run and branch decay (0:
+    only there). ``eval_batches`` global batches are evaluated each time, the same ones every
+    time (the held-out sources read in order, unshuffled).
     """
 
     workdir: str = "runs/train"
@@ -544,6 +573,8 @@ class TrainConfig:
     peak_flops_per_device: float = 0.0
     decay_from: int = -1
     decay_steps: int = 0
+    eval_every: int = 0
+    eval_batches: int = 8
     schedule: ScheduleConfig = ScheduleConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
 
@@ -552,6 +583,12 @@ class TrainConfig:
                      "max_nonfinite_in_a_row"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_every < 0:
+            raise ConfigError(f"train.eval_every must be >= 0 (0: evaluate at the end only), got "
+                              f"{self.eval_every}")
+        if self.eval_batches < 0:
+            raise ConfigError(f"train.eval_batches must be >= 0 (0: no evaluation), got "
+                              f"{self.eval_batches}")
         if self.keep_every < 0:
             raise ConfigError(f"train.keep_every must be >= 0 (0: keep only the last "
                               f"train.keep_last), got {self.keep_every}")
@@ -565,6 +602,120 @@ class TrainConfig:
                               "(the length of the branch decay)")
 
 
+SEARCHABLE = ("peak_lr", "init_std", "scale_emb", "scale_depth", "batch_size")
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchConfig:
+    """``mcpm tunnel search``: an optuna study over a muP proxy (training spec section 2).
+
+    Each trial trains the config's model for ``steps`` constant-lr steps (after the warm-up),
+    branches a decay of ``decay_steps`` from the last one, and scores the decayed model by
+    ``objective``: ``eval_loss`` (held-out loss) or ``indicator`` (the loss on reasoning and
+    answer given the question, on ``indicator_data``; ``""``: the set mcpm ships).
+
+    ``params`` names the searched settings (:data:`SEARCHABLE`); the ranges are the paper's
+    (``peak_lr`` is searched on a log scale, the others linearly). ``batch_size`` is searched
+    over ``batch_sizes`` when named. ``sampler``: ``tpe`` (optuna's TPE, ``trials`` trials) or
+    ``grid`` (``grid_points`` values of each range, every combination once).
+
+    ``storage``: an optuna RDB URL; ``""`` is ``sqlite:///WORKDIR/search.db``. Several hosts share
+    one search through a server database, e.g.
+    ``postgresql+psycopg2://user:password@host:5432/mcpm``. ``parallel`` local worker processes
+    run trials at once (each on ``jax.local_device_count() / parallel`` devices when more than
+    one is present).
+    """
+
+    workdir: str = "runs/search"
+    study: str = "mcpm"
+    storage: str = ""
+    trials: int = 16
+    sampler: Literal["tpe", "grid"] = "tpe"
+    grid_points: int = 3
+    objective: Literal["eval_loss", "indicator"] = "eval_loss"
+    indicator_data: str = ""
+    params: tuple[str, ...] = ("peak_lr", "init_std", "scale_emb", "scale_depth")
+    peak_lr: tuple[float, ...] = (1e-3, 1e-1)
+    init_std: tuple[float, ...] = (0.025, 0.2)
+    scale_emb: tuple[float, ...] = (2.5, 20.0)
+    scale_depth: tuple[float, ...] = (1.0, 8.0)
+    batch_sizes: tuple[int, ...] = (8, 16, 32)
+    steps: int = 100
+    decay_steps: int = 10
+    parallel: int = 1
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in self.params:
+            if name not in SEARCHABLE:
+                raise ConfigError(f"tunnel.search.params: {name!r} is not searchable "
+                                  f"{list(SEARCHABLE)}" + _suggest(name, SEARCHABLE))
+        for name in ("peak_lr", "init_std", "scale_emb", "scale_depth"):
+            lo_hi = getattr(self, name)
+            if len(lo_hi) != 2 or not 0 < lo_hi[0] < lo_hi[1]:
+                raise ConfigError(f"tunnel.search.{name} must be [low, high] with 0 < low < "
+                                  f"high, got {list(lo_hi)}")
+        if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
+            raise ConfigError(f"tunnel.search.batch_sizes must be positive integers, got "
+                              f"{list(self.batch_sizes)}")
+        for name in ("trials", "grid_points", "steps", "decay_steps", "parallel"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"tunnel.search.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TransferConfig:
+    """``mcpm tunnel transfer``: the lr sweep at several widths, with muP and with standard
+    parametrisation (SP: no width multipliers; the same fan-in initialisation). Each point is a
+    WSD run of ``steps`` steps (the config's schedule shape) scored by held-out loss."""
+
+    workdir: str = "runs/transfer"
+    widths: tuple[int, ...] = (64, 128, 256)
+    lrs: tuple[float, ...] = (0.0025, 0.005, 0.01, 0.02, 0.04, 0.08)
+    parametrizations: tuple[Literal["mup", "sp"], ...] = ("mup", "sp")
+    steps: int = 200
+
+    def __post_init__(self):
+        if len(self.widths) < 1 or any(w < 1 for w in self.widths):
+            raise ConfigError(f"tunnel.transfer.widths must be positive, got {list(self.widths)}")
+        if len(self.lrs) < 2 or any(not lr > 0 for lr in self.lrs):
+            raise ConfigError(f"tunnel.transfer.lrs needs two or more positive values, got "
+                              f"{list(self.lrs)}")
+        if self.steps < 1:
+            raise ConfigError(f"tunnel.transfer.steps must be >= 1, got {self.steps}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaleConfig:
+    """``mcpm tunnel scale``: one constant-lr run per width and branch decays (training spec
+    section 1) at the step counts ``decays``, each decaying for ``decay_ratio`` of its fork
+    step (at least one step). Collects (N, D, loss) into ``WORKDIR/scaling.jsonl``."""
+
+    workdir: str = "runs/scale"
+    widths: tuple[int, ...] = (64, 96, 128, 192)
+    decays: tuple[int, ...] = (100, 200, 400)
+    decay_ratio: float = 0.1
+
+    def __post_init__(self):
+        if not self.widths or any(w < 1 for w in self.widths):
+            raise ConfigError(f"tunnel.scale.widths must be positive, got {list(self.widths)}")
+        if not self.decays or any(d < 1 for d in self.decays):
+            raise ConfigError(f"tunnel.scale.decays must be positive step counts, got "
+                              f"{list(self.decays)}")
+        if not 0 < self.decay_ratio <= 1:
+            raise ConfigError(f"tunnel.scale.decay_ratio must be in (0, 1], got "
+                              f"{self.decay_ratio}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TunnelConfig:
+    """ModelTunnel v2 (``mcpm tunnel ...``); none of it changes what ``mcpm train`` does."""
+
+    search: SearchConfig = SearchConfig()
+    transfer: TransferConfig = TransferConfig()
+    scale: ScaleConfig = ScaleConfig()
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """The root of a YAML file in ``configs/``."""
@@ -574,6 +725,7 @@ class Config:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    tunnel: TunnelConfig = dataclasses.field(default_factory=TunnelConfig)
     seed: int = 0
 
 

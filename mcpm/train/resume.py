@@ -34,7 +34,8 @@ RESUMABLE = (
     "model.remat", "model.compute_dtype",   # how the model runs, not what it is
     "model.attention_impl", "model.sparse_attention_impl", "model.matmul_precision",
     "data.read_threads", "data.prefetch", "data.cache_dir",
-    "generate.",                      # not used by training
+    "train.eval_every", "train.eval_batches", "data.eval_sources",  # measured, not trained
+    "generate.", "tunnel.",           # not used by training
 )
 
 # A branch decay (``decay_from``) forks a run at a checkpoint: it may also decay on other data
