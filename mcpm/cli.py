@@ -258,6 +258,8 @@ def _train(args) -> tuple[int, dict | None]:
         # a preempted job ends cleanly for its scheduler; an interrupted command reports it
         return (130 if summary["signal"] == "SIGINT" else 0), summary
     loss = "n/a" if summary.get("loss") is None else f"{summary['loss']:.4f}"
+    if summary.get("eval_loss") is not None:
+        loss += f", held-out loss {summary['eval_loss']:.4f}"
     print(f"mcpm train: {summary['note']}; at step {summary['step']}, loss {loss}; "
           f"{summary['run_dir']}" + (f" (plot {summary['plot']})" if summary.get("plot")
                                      else ""))

@@ -110,3 +110,54 @@ def test_non_finite_steps_in_a_row_stop_the_run_clearly(tmp_path):
         train(cfg, data=source(cfg, nan_from=2), progress=False)
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert rows[2]["loss"] is None and rows[2]["skipped"] == 1
+
+
+def _held_out_loss(model_dir, batches):
+    """The held-out loss stated independently: the saved model's logits, float64 log-softmax
+    in numpy, every target token of every batch weighted equally."""
+    import jax
+    from mcpm.api import from_pretrained
+    model = from_pretrained(model_dir)
+    nll = tokens = 0.0
+    for b in batches:
+        logits = np.asarray(jax.device_get(model(b["inputs"], positions=b["positions"],
+                                                 segment_ids=b["segment_ids"])), np.float64)
+        logp = logits - logits.max(-1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+        picked = np.take_along_axis(logp, b["targets"][..., None], -1)[..., 0]
+        nll -= (picked * b["weights"]).sum()
+        tokens += b["weights"].sum()
+    return nll / tokens, tokens
+
+
+def test_held_out_loss_every_eval_every_steps_and_at_the_end(tmp_path):
+    cfg = config(tmp_path / "e", "train.steps=5", "train.eval_every=2", "train.log_every=2")
+    held = [next(source(cfg, seed=99)) for _ in range(3)]
+    held[1]["weights"][:, ::3] = 0.0  # unequal token counts: a mean of batch means would differ
+    out = train(cfg, data=source(cfg), eval_data=held, progress=False)
+    rows = read_metrics(tmp_path / "e" / "metrics.jsonl")
+    evals = {r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r}
+    assert sorted(evals) == [2, 4, 5]
+    # one row per step: the eval joins the step's log row when both fall on it
+    assert [r["step"] for r in rows] == [2, 4, 5]
+    want, tokens = _held_out_loss(out["model"], held)
+    # float32 forward: the per-token log-probabilities are exact to a few eps x their size
+    # (|logit| + log V ~ 10), and the mean of n of them to the same relative error
+    np.testing.assert_allclose(evals[5], want, rtol=50 * np.finfo(np.float32).eps)
+    assert out["eval_loss"] == evals[5] and rows[-1]["eval_tokens"] == tokens
+    assert evals[5] < evals[2]  # the held-out data is learnable (same rule, other tokens)
+    # evaluating never touches training: the same run without held-out data trains identically
+    plain = config(tmp_path / "p", "train.steps=5", "train.log_every=2")
+    train(plain, data=source(plain), progress=False)
+    assert losses(tmp_path / "p") == [r["loss"] for r in rows]
+
+
+def test_held_out_data_of_the_builtin_corpus_is_its_validation_split(tmp_path):
+    from mcpm.config import ConfigError
+    cfg = load_config("configs/tiny.yaml", ["data.builtin_limit=60"])
+    assert [s.split for s in cfg.data.eval_source_list()] == ["validation"]
+    mixed = load_config("configs/tiny.yaml", [
+        "data.sources=[{kind: builtin}, {kind: files, paths: ['x/*.txt']}]"])
+    assert mixed.data.eval_source_list() == ()  # the user's own files: no silent guess
+    with pytest.raises(ConfigError, match="eval_sources.*also a training source"):
+        load_config("configs/tiny.yaml", ["data.eval_sources=[{kind: builtin, split: train}]"])

@@ -103,12 +103,49 @@ class _Interrupts:
         return False
 
 
+class HeldOut:
+    """The held-out batches ``eval_loss`` is measured on: the first ``train.eval_batches``
+    batches of ``data.eval_sources`` read in order (unshuffled), made once and reused, so every
+    evaluation of a run and its branches sees the same tokens."""
+
+    def __init__(self, cfg: Config, program, batches: list | None = None):
+        from mcpm.data.pipeline import make_iterator
+
+        self.program, self.batches = program, list(batches or [])
+        sources = cfg.data.eval_source_list()
+        if batches is not None or not sources or cfg.train.eval_batches == 0:
+            return
+        data = dataclasses.replace(cfg.data, sources=sources, eval_sources=(), shuffle=False,
+                                   prefetch=0, workers=0)
+        it = make_iterator(data, process_index=jax.process_index(),
+                           process_count=jax.process_count())
+        try:
+            self.batches = [next(it) for _ in range(cfg.train.eval_batches)]
+        finally:
+            it.close()
+        self.label = ", ".join(s.display_name() for s in sources)
+
+    def __bool__(self) -> bool:
+        return bool(self.batches)
+
+    def loss(self, params) -> tuple[float, int]:
+        """(mean next-token loss over the held-out tokens, their number)."""
+        nll = tokens = 0.0
+        for local in self.batches:
+            batch = {k: jax.make_array_from_process_local_data(
+                self.program.batch_sharding, np.asarray(local[k])) for k in BATCH_KEYS}
+            sums = self.program.eval_step(params, batch)
+            nll, tokens = nll + sums["nll"], tokens + sums["tokens"]
+        nll, tokens = float(jax.device_get(nll)), float(jax.device_get(tokens))
+        return nll / max(tokens, 1.0), int(tokens)
+
+
 def _say(is_main: bool, text: str) -> None:
     if is_main:
         print(f"mcpm train: {text}", flush=True)
 
 
-def train(cfg: Config, *, data=None, progress: bool = True, reinit: bool = False,
+def train(cfg: Config, *, data=None, eval_data=None, progress: bool = True, reinit: bool = False,
           restart_data: bool = False, confirm_schedule_change: bool = False) -> dict:
     """Run (or resume) the training run ``cfg`` describes; returns a summary dict.
 
@@ -120,7 +157,8 @@ def train(cfg: Config, *, data=None, progress: bool = True, reinit: bool = False
     is written, so a refused command leaves the filesystem as it found it.
 
     ``data``: a batch source (``next()``, ``get_state()``, ``set_state()``, ``stats()``) to use
-    instead of the one ``cfg.data`` describes (tests).
+    instead of the one ``cfg.data`` describes (tests), and ``eval_data`` a list of local batches
+    to measure ``eval_loss`` on with it (none: no evaluation).
     """
     from mcpm.data.pipeline import make_iterator
 
@@ -162,6 +200,7 @@ def train(cfg: Config, *, data=None, progress: bool = True, reinit: bool = False
         program = build_train_program(cfg)
         source = data if data is not None else make_iterator(
             cfg.data, process_index=jax.process_index(), process_count=jax.process_count())
+        held_out = HeldOut(cfg, program, None if data is None else (eval_data or []))
         vocab = getattr(source, "vocab_size", None)
         if vocab is not None and vocab > model_cfg.vocab_size:
             raise ConfigError(f"the tokenizer {getattr(source, 'tokenizer_path', '')} has "
@@ -219,6 +258,9 @@ def train(cfg: Config, *, data=None, progress: bool = True, reinit: bool = False
     writer = MetricsWriter(run_dir, enabled=is_main, resume_step=start)
     for line in changes:
         _say(is_main, line)
+    if not held_out and is_main and t.eval_batches and data is None:
+        _say(is_main, "no held-out data (data.eval_sources) for these training sources: "
+                      "eval_loss is not measured")
     _say(is_main, f"{note}; {model_cfg.num_params() / 1e6:.1f}M parameters, mesh "
                   f"{describe(program.mesh)}, batch {global_batch} x {seq_len}, steps {start} "
                   f"-> {total}")
@@ -233,7 +275,7 @@ def train(cfg: Config, *, data=None, progress: bool = True, reinit: bool = False
 
     pending = None           # (step, metrics) of the step before, fetched one step late
     in_a_row, last_log, last_log_step = 0, time.perf_counter(), start
-    last_loss = None
+    last_loss = eval_loss = None
     interval_losses = []     # finite losses since the last log line: their mean is loss_avg
     step = start
     interrupts = _Interrupts(announce=is_main)
@@ -249,6 +291,10 @@ def train(cfg: Config, *, data=None, progress: bool = True, reinit: bool = False
                     in_a_row, last_loss = _check(pending, in_a_row, t.max_nonfinite_in_a_row)
                     interval_losses += [] if last_loss is None else [last_loss]
                 pending = (step, metrics)
+                evaluated = {}
+                if held_out and (step == total or (t.eval_every and step % t.eval_every == 0)):
+                    eval_loss, eval_tokens = held_out.loss(state["params"])
+                    evaluated = {"eval_loss": eval_loss, "eval_tokens": eval_tokens}
                 if step % t.log_every == 0 or step == total:
                     in_a_row, last_loss = _check(pending, in_a_row, t.max_nonfinite_in_a_row)
                     interval_losses += [] if last_loss is None else [last_loss]
@@ -262,12 +308,17 @@ def train(cfg: Config, *, data=None, progress: bool = True, reinit: bool = False
                                          else float("nan")),
                                tokens_per_s=tok_s,
                                mfu=tok_s * flops_per_token / (peak * jax.device_count()),
+                               **evaluated,
                                **{f"data_{k}": v for k, v in source.stats().items()})
                     writer.write(step, row)
                     last_log, last_log_step, interval_losses = now, step, []
                     if bar is not None:
-                        bar.set_postfix(loss=f"{row['loss_avg']:.3f}", lr=f"{row['lr']:.2e}",
-                                        tok_s=f"{tok_s:.0f}")
+                        bar.set_postfix(
+                            loss=f"{row['loss_avg']:.3f}", lr=f"{row['lr']:.2e}",
+                            tok_s=f"{tok_s:.0f}",
+                            **({} if eval_loss is None else {"eval": f"{eval_loss:.3f}"}))
+                elif evaluated:
+                    writer.write(step, evaluated)
                 if bar is not None:
                     bar.update(1)
                 if interrupts.signal is not None:
@@ -296,7 +347,8 @@ def train(cfg: Config, *, data=None, progress: bool = True, reinit: bool = False
     if is_main and (run_dir / "metrics.jsonl").exists():
         plot = str(plot_metrics(run_dir / "metrics.jsonl", run_dir / "loss.png",
                                 f"{run_dir.name}: {model_cfg.num_params() / 1e6:.1f}M parameters"))
-    summary = {"run_dir": str(run_dir), "step": step, "loss": last_loss, "preempted": preempted,
+    summary = {"run_dir": str(run_dir), "step": step, "loss": last_loss, "eval_loss": eval_loss,
+               "preempted": preempted,
                "signal": stopped_by, "note": note, "plot": plot, "checkpoints": ckpts.steps(),
                "model": model_dir}
     if is_main:

@@ -57,7 +57,8 @@ class MetricsWriter:
         if self._tb is not None:
             for key, value in row.items():
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self._tb.add_scalar(f"train/{key}", value, row["step"])
+                    tag = f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
+                    self._tb.add_scalar(tag, value, row["step"])
             self._tb.flush()
 
     def close(self) -> None:
@@ -78,7 +79,8 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 def plot_metrics(path: str | Path, out_png: str | Path, title: str = "") -> Path:
-    """Loss (log scale) and learning rate against the step, from a metrics.jsonl."""
+    """Training loss (log scale; the held-out ``eval_loss`` too, where measured) and learning
+    rate against the step, from a metrics.jsonl."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -95,8 +97,14 @@ def plot_metrics(path: str | Path, out_png: str | Path, title: str = "") -> Path
         ax_loss.plot(*zip(*avg), lw=1.6, color="tab:blue", label="mean since the previous log")
         ax_loss.legend(fontsize=8)
     else:
-        ax_loss.plot(steps, [r["loss"] for r in rows], lw=1.2)
-    ax_loss.set_ylabel("train loss (nats/token)")
+        ax_loss.plot(steps, [r["loss"] for r in rows], lw=1.2, label="train loss")
+    held = [(r["step"], r["eval_loss"]) for r in read_metrics(path)
+            if r.get("eval_loss") is not None]
+    if held:
+        ax_loss.plot(*zip(*held), "o-", lw=1.6, ms=4, color="tab:green",
+                     label="held-out loss (eval_loss)")
+        ax_loss.legend(fontsize=8)
+    ax_loss.set_ylabel("loss (nats/token)")
     ax_loss.set_yscale("log")
     ax_loss.grid(alpha=0.3, which="both")
     if title:

@@ -21,7 +21,7 @@ from mcpm.model.minicpm4 import MiniCPM4
 from mcpm.sharding import activation_rules, batch_sharding, make_mesh, state_shardings
 from mcpm.train.optimizer import make_optimizer
 from mcpm.train.schedule import wsd_schedule
-from mcpm.train.step import BATCH_KEYS, init_state, make_train_step
+from mcpm.train.step import BATCH_KEYS, init_state, make_eval_step, make_train_step
 
 
 def schedule_span(cfg: Config) -> tuple[int, int | None]:
@@ -48,6 +48,7 @@ class TrainProgram:
     abstract_state: object           # ShapeDtypeStructs carrying the target shardings
     init: Callable[[], dict]         # jitted: the freshly initialised, sharded state
     step: Callable                   # jitted, state donated: (state, batch) -> (state, metrics)
+    eval_step: Callable              # jitted: (params, batch) -> {"nll", "tokens"} sums
 
     def batch_spec(self, batch_size: int, seq_len: int) -> dict:
         """The step's batch argument as ShapeDtypeStructs (for ``step.trace(...).lower()``)."""
@@ -86,7 +87,12 @@ def build_train_program(cfg: Config, mesh: Mesh | None = None, *,
                         loss_chunk=t.loss_chunk,
                         activation_rules=lambda: activation_rules(mesh, rules)),
         in_shardings=(st_sh, b_sh), out_shardings=(st_sh, None), donate_argnums=0)
+    eval_step = jax.jit(
+        make_eval_step(model_cfg, loss_chunk=t.loss_chunk,
+                       activation_rules=lambda: activation_rules(mesh, rules)),
+        in_shardings=(st_sh["params"], b_sh))
     return TrainProgram(cfg=cfg, mesh=mesh, total_steps=total, decay_start=decay_start, tx=tx,
                         schedule=schedule, state_shardings=st_sh, batch_sharding=b_sh,
                         abstract_state=abstract_state,
-                        init=jax.jit(init, out_shardings=st_sh), step=step)
+                        init=jax.jit(init, out_shardings=st_sh), step=step,
+                        eval_step=eval_step)

@@ -38,6 +38,29 @@ class ModelApply:
         return nnx.merge(self.graphdef, state)
 
 
+def make_eval_step(model_cfg: ModelConfig, *, loss_chunk: int = 0,
+                   activation_rules: Callable[[], contextlib.AbstractContextManager] | None = None):
+    """``eval_step(params, batch) -> {"nll", "tokens"}``: the summed next-token loss of a batch
+    (the train step's forward and loss, without gradients); the caller sums batches and
+    divides, so every held-out token weighs the same."""
+    apply = ModelApply(model_cfg)
+    hints = activation_rules or contextlib.nullcontext
+
+    def eval_step(params: dict, batch: dict):
+        with hints(), precision_scope(model_cfg):
+            model = apply.model(params)
+            out = model(batch["inputs"], positions=batch["positions"],
+                        segment_ids=batch.get("segment_ids"), return_hidden=bool(loss_chunk))
+            if loss_chunk:
+                sums = chunked_cross_entropy_sums(out, model.logits, batch["targets"],
+                                                  batch["weights"], loss_chunk)
+            else:
+                sums = cross_entropy_sums(out, batch["targets"], batch["weights"])
+        return {"nll": sums["nll"], "tokens": sums["tokens"]}
+
+    return eval_step
+
+
 def init_state(params: dict, tx: optax.GradientTransformation) -> dict:
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
             "skipped": jnp.zeros((), jnp.int32)}
