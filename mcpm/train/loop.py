@@ -234,8 +234,12 @@ def train(cfg: Config, *, data=None, eval_data=None, progress: bool = True, rein
                                "afresh")
             note = f"branch decay from step {start} of {branch_from}"
         if start >= total:
-            return {"run_dir": str(run_dir), "step": start, "note": f"already at step {start}",
-                    "preempted": False}
+            done = {}
+            if (run_dir / "summary.json").is_file():  # what the run that got here reported
+                with contextlib.suppress(OSError, ValueError):
+                    done = json.loads((run_dir / "summary.json").read_text())
+            return {**done, "run_dir": str(run_dir), "step": start,
+                    "note": f"already at step {start}", "preempted": False, "signal": None}
 
         # 4. The run goes on: now write
         if reinit and run_dir.exists():
