@@ -12,8 +12,8 @@ setup(
     version="0.1.0",
     description="MiniCPM4 in JAX/Flax NNX: exact official-checkpoint interop, InfLLM v2, training",
     python_requires=">=3.11",
-    packages=["mcpm", "mcpm.model", "mcpm.data", "mcpm.train", "mcpm.tunnel", "mcpm_kernels", "mcpm_kernels.infllmv2",
-              "mcpm_kernels.dense_attention"],
+    packages=["mcpm", "mcpm.model", "mcpm.data", "mcpm.train", "mcpm.tunnel", "mcpm_kernels",
+              "mcpm_kernels.infllmv2", "mcpm_kernels.dense_attention"],
     package_dir={"mcpm": "mcpm", "mcpm_kernels": "kernels"},
     install_requires=[
         "jax>=0.10.2,<0.13",
@@ -35,6 +35,7 @@ setup(
         "tensorboardX>=2.6,<3",
         "optuna>=4.2,<6",  # mcpm tunnel search (RDB storage: SQLite by default)
         "scipy>=1.11,<2",  # scaling-law and sigmoid fits
+        "threadpoolctl>=3.1,<4",  # one BLAS thread for scipy's tiny fits (else 10x slower)
     ],
     extras_require={
         # libtpu gives the TPU topology descriptions the Pallas kernels are AOT-compiled against in

@@ -299,3 +299,13 @@ def test_fit_command_missing_file_and_bad_values(tmp_path):
     _write_table(tmp_path / "scaling.jsonl")
     with pytest.raises(FitError, match="--level"):
         fit_command(_args(tmp_path, level=90))
+
+
+def test_plot_fits_draws_the_held_out_point(tmp_path):
+    from mcpm.tunnel.fit import plot_fits
+    rng = np.random.default_rng(3)
+    n, d = (g.ravel() for g in np.meshgrid(np.geomspace(1e5, 3e6, 4), np.geomspace(1e6, 3e7, 3)))
+    loss = (50 * n ** -0.29 + 80 * d ** -0.23 + 1.5) * np.exp(rng.normal(0, 0.002, n.size))
+    fit = fit_scaling_law(n, d, loss, form="minicpm")
+    curves, iso = plot_fits({"minicpm": fit}, n, d, loss, tmp_path, held_out=(6e6, 5e7, 3.4))
+    assert curves.stat().st_size > 10_000 and iso.stat().st_size > 10_000

@@ -535,7 +535,19 @@ def _atomic_write(path: Path, write) -> None:
             tmp.unlink()
 
 
-def _plot_curves(fits, n, d, loss, path: Path) -> None:
+def plot_fits(fits, n, d, loss, out_dir, *, held_out=None) -> tuple[Path, Path]:
+    """``fit_curves.png`` and ``fit_isoloss.png`` in ``out_dir`` for a list (or dict) of fits
+    to the points (n, d, loss); ``held_out`` = (N, D, measured loss) of a point that was not
+    fitted, drawn as a star beside its prediction."""
+    fits = list(fits.values()) if isinstance(fits, dict) else list(fits)
+    n, d, loss = (np.asarray(v, float) for v in (n, d, loss))
+    out = Path(out_dir)
+    _plot_curves(fits, n, d, loss, out / "fit_curves.png", held_out)
+    _plot_isoloss(fits, n, d, out / "fit_isoloss.png", held_out)
+    return out / "fit_curves.png", out / "fit_isoloss.png"
+
+
+def _plot_curves(fits, n, d, loss, path: Path, held_out=None) -> None:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(5.5 * len(fits), 4.2), layout="constrained")
@@ -548,6 +560,12 @@ def _plot_curves(fits, n, d, loss, path: Path) -> None:
             sel = n == size
             ax.scatter(d[sel], loss[sel], color=color, s=18, label=f"N = {size:.3g}")
             ax.plot(dd, fit.predict(size, dd), color=color, lw=1.2)
+        if held_out is not None:
+            hn, hd, hl = held_out
+            ax.plot(dd, fit.predict(hn, dd), color="k", lw=1.2, ls="--",
+                    label=f"N = {hn:.3g} (predicted)")
+            ax.scatter([hd], [hl], marker="*", s=140, color="k", zorder=5,
+                       label="held-out model (measured)")
         ax.set_xscale("log")
         ax.set_xlabel("tokens D")
         ax.set_ylabel("loss")
@@ -557,7 +575,7 @@ def _plot_curves(fits, n, d, loss, path: Path) -> None:
     _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
 
 
-def _plot_isoloss(fits, n, d, path: Path) -> None:
+def _plot_isoloss(fits, n, d, path: Path, held_out=None) -> None:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(5.5 * len(fits), 4.6), layout="constrained")
@@ -575,6 +593,9 @@ def _plot_isoloss(fits, n, d, path: Path) -> None:
         keep = (on >= nn[0]) & (on <= nn[-1]) & (od >= dd[0]) & (od <= dd[-1])
         ax.plot(on[keep], od[keep], color="crimson", lw=1.6, label="compute-optimal")
         ax.scatter(n, d, color="k", s=12, label="measured")
+        if held_out is not None:
+            ax.scatter([held_out[0]], [held_out[1]], marker="*", s=140, color="crimson",
+                       zorder=5, label="held-out model")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("parameters N")
