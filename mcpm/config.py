@@ -373,6 +373,13 @@ class DataConfig:
     batches are prepared ahead (per worker with workers, else in a background thread).
     The same ``seed`` gives the same batches; every epoch is reshuffled.
 
+    ``shuffle_window``: after the documents are shuffled and split into pieces (of at most
+    ``max_doc_tokens``), the pieces are shuffled within windows of this many pieces before
+    packing, so that a long document is spread over many batches and each batch mixes many
+    documents (memory: about ``shuffle_window x max_doc_tokens`` tokens per process; a resume
+    re-reads at most one window). 0: the pieces are packed in order (a long document fills
+    consecutive batches). ``shuffle: false`` (evaluation) shuffles neither documents nor pieces.
+
     ``eval_sources``: the held-out text that ``eval_loss`` is measured on (never trained on);
     empty: the built-in corpus' ``validation`` split when every training source is the built-in
     ``train`` split, else no evaluation (give your own held-out files here).
@@ -384,6 +391,7 @@ class DataConfig:
     batch_size: int = 16
     seed: int = 0
     shuffle: bool = True
+    shuffle_window: int = 4096
     tokenizer: str = ""
     builtin_vocab_size: int = 4096
     builtin_limit: int = 0
@@ -404,7 +412,7 @@ class DataConfig:
         if self.max_doc_tokens and not 2 <= self.max_doc_tokens <= self.seq_len:
             raise ConfigError(f"data.max_doc_tokens must be 0 (= seq_len) or in [2, seq_len="
                               f"{self.seq_len}], got {self.max_doc_tokens}")
-        for name in ("read_threads", "prefetch", "workers"):
+        for name in ("shuffle_window", "read_threads", "prefetch", "workers"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"data.{name} must be >= 0, got {getattr(self, name)}")
         if self.builtin_limit < 0 or self.builtin_limit == 1:

@@ -1,4 +1,6 @@
-"""Packing tokenized documents into train-step batches: layout, long-document pieces, resume."""
+"""Packing tokenized documents into train-step batches: layout, long-document pieces, the
+pieces' window shuffle, resume."""
+import itertools
 import json
 
 import grain
@@ -6,6 +8,7 @@ import numpy as np
 import pytest
 
 from mcpm.data.packing import PackIterDataset, Tokenize, piece_starts
+from mcpm.data.sources import DataSourceError
 
 T, R = 16, 3
 
@@ -24,12 +27,14 @@ def _by_document(segs):
     return sorted(segs, key=lambda s: int(s[0][0]))
 
 
-def _packed(docs, *, piece_len=T, rows=R, seq_len=T, events=None):
+def _packed(docs, *, piece_len=T, rows=R, seq_len=T, events=None, window=0, seed=0,
+            doc_ids=False):
     elements = [{"tokens": d, "source": 0, "events": (events or {}).get(i, ())}
                 for i, d in enumerate(docs)]
     ds = grain.MapDataset.source(elements).to_iter_dataset()
     return PackIterDataset(ds, seq_len=seq_len, rows=rows, piece_len=piece_len,
-                           source_labels=["s"])
+                           source_labels=["s"], shuffle_window=window, seed=seed,
+                           doc_ids=doc_ids)
 
 
 def _segments(batch):
@@ -120,30 +125,95 @@ def test_events_and_empty_documents_are_counted_not_packed():
     assert stats["invalid_utf8_documents"] == 1 and stats["bad_records"] == 1
 
 
-@pytest.mark.parametrize("piece_len", [T, 5])
-def test_restore_mid_epoch_and_mid_document_gives_the_same_batches(piece_len):
+@pytest.mark.parametrize("piece_len,window", [(T, 0), (5, 0), (5, 24), (T, 10)])
+def test_restore_mid_epoch_and_mid_document_gives_the_same_batches(piece_len, window):
     docs = _docs([5, 40, 3, 16, 7, 2, 33, 4, 6, 12, 9, 1 + T, 8] * 3, seed=1)
-    reference = list(_packed(docs, piece_len=piece_len))
+    events = {2: ("invalid_utf8_documents",), 20: ("bad_records",)}
+    docs[20] = docs[20][:0]  # an unusable document: only its event is counted
+
+    def packed():
+        return _packed(docs, piece_len=piece_len, window=window, events=events)
+    reference = list(packed())
     assert len(reference) > 6
-    it = iter(_packed(docs, piece_len=piece_len))
+    it = iter(packed())
+    mid_window = mid_document = 0
     for step in range(len(reference)):
         state = json.loads(json.dumps(it.get_state()))  # what a checkpoint holds
-        fresh = iter(_packed(docs, piece_len=piece_len))
+        split = state["parent"]["parent_window_start_state"] if window else state["parent"]
+        mid_document += split["piece"] > 0
+        mid_window += bool(window) and 0 < state["parent"]["pos_in_window"] < window
+        fresh = iter(packed())
         fresh.set_state(state)
-        rest = list(fresh)
-        assert len(rest) == len(reference) - step
+        # the next 3 batches; from every 5th step all the rest, to the end of the data
+        to_end = step % 5 == 2
+        rest = list(fresh) if to_end else list(itertools.islice(fresh, 3))
+        assert len(rest) == (len(reference) - step if to_end else min(3, len(reference) - step))
         for got, want in zip(rest, reference[step:]):
-            for k in ("inputs", "targets", "weights", "positions", "segment_ids"):
-                np.testing.assert_array_equal(got[k], want[k])
+            for k in ("inputs", "targets", "weights", "positions", "segment_ids", "_stats"):
+                np.testing.assert_equal(got[k], want[k])  # the counters too: once each
         next(it)
-    # counters are not repeated for a document re-read after a restore
-    it = iter(_packed(docs, piece_len=piece_len))
-    next(it), next(it)
-    fresh = iter(_packed(docs, piece_len=piece_len))
-    fresh.set_state(it.get_state())
-    first = [next(it)["_stats"] for _ in range(2)]
-    again = [next(fresh)["_stats"] for _ in range(2)]
-    assert first == again
+    assert mid_document and (mid_window or not window)
+    total = {k: sum(b["_stats"][k] for b in reference) for k in reference[0]["_stats"]}
+    assert total["documents"] == len(docs) - 1 and total["bad_records"] == 1
+    assert total["invalid_utf8_documents"] == 1
+
+
+def _trained_pairs(batches, key=None):
+    """(input, target) of every token with weight 1; per document (its first token) with key."""
+    out = {}
+    for b in batches:
+        for r in range(b["inputs"].shape[0]):
+            seg = b["segment_ids"][r]
+            for s in range(1, seg.max() + 1):
+                inp, tgt, w = (b[k][r][seg == s] for k in ("inputs", "targets", "weights"))
+                doc = key(b, r, seg == s) if key else 0
+                out.setdefault(doc, []).extend(
+                    (int(a), int(t)) for a, t, ww in zip(inp, tgt, w) if ww)
+    return {k: sorted(v) for k, v in out.items()}
+
+
+@pytest.mark.parametrize("window", [0, 16])
+def test_every_target_is_trained_exactly_once_with_and_without_the_window(window):
+    docs = [np.arange(n, dtype=np.int32) + 1000 * (i + 1)  # token = 1000 (doc + 1) + offset
+            for i, n in enumerate([120, 3, 57, 9, 2, 16, 17, 200, 5, 31])]
+    batches = list(_packed(docs, piece_len=8, window=window, doc_ids=True))
+    got = _trained_pairs(batches, key=lambda b, r, where: int(b["doc_ids"][r][where][0]))
+    assert sorted(got) == list(range(len(docs)))  # doc_ids: the documents' numbers
+    for i, doc in enumerate(docs):
+        assert got[i] == list(zip(doc[:-1].tolist(), doc[1:].tolist())), i
+    assert sum(b["_stats"]["documents"] for b in batches) == len(docs)
+
+
+def test_the_window_spreads_long_documents_over_batches():
+    docs = [np.full(300, 1000 + i, np.int32) for i in range(3)]        # 3 long documents
+    docs += [np.full(6, 2000 + i, np.int32) for i in range(200)]       # 200 short ones
+    order = np.random.default_rng(0).permutation(len(docs))
+    docs = [docs[i] for i in order]
+
+    def mix(window, seed=0):
+        batches = list(_packed(docs, piece_len=T, rows=4, window=window, seed=seed))
+        per_batch = [np.unique(b["inputs"][b["segment_ids"] > 0], return_counts=True)
+                     for b in batches]
+        longs = [{int(t) for t in ids if t < 2000} for ids, _ in per_batch]
+        spread = [sum(1000 + i in ls for ls in longs) for i in range(3)]
+        return batches, [len(ids) for ids, _ in per_batch], \
+            [c.max() / c.sum() for _, c in per_batch], spread
+    batches, distinct, share, spread = mix(0)
+    assert sum(s == 1 for s in share) >= 9  # whole batches of one document
+    assert max(spread) <= 6  # a long document's 20 pieces: 5 or 6 consecutive batches
+    batches, distinct, share, spread = mix(64)
+    assert max(share) < 0.9 and min(distinct) >= 2  # no batch is one document
+    assert min(spread) >= 9  # each long document's pieces are in many batches
+    # seeded: the same seed gives the same batches, another seed others
+    again, other = mix(64)[0], mix(64, seed=1)[0]
+    assert all(np.array_equal(a["inputs"], b["inputs"]) for a, b in zip(batches, again))
+    assert not all(np.array_equal(a["inputs"], b["inputs"]) for a, b in zip(batches, other))
+
+
+def test_an_old_packer_state_is_refused_with_a_clear_error():
+    it = iter(_packed(_docs([5, 9, 3])))
+    with pytest.raises(DataSourceError, match=r"older data pipeline.*--restart-data"):
+        it.set_state({"parent": {"next_index": 10}, "pending": 1, "piece": 0, "bad_run": 0})
 
 
 def test_tokenize_decodes_invalid_utf8_and_flags_empty(tmp_path):

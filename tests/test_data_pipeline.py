@@ -1,5 +1,5 @@
 """The grain input pipeline on small generated corpora: determinism, resume, per-host shards,
-mixtures, every source format, bad data and empty sources."""
+mixtures, the pieces' window shuffle, every source format, bad data and empty sources."""
 import json
 import logging
 import re
@@ -9,7 +9,8 @@ import pytest
 
 from mcpm.config import ConfigError, DataConfig, DataSourceConfig, from_dict
 from mcpm.data import sources as sources_mod
-from mcpm.data.pipeline import make_iterator
+from mcpm.data.packing import Tokenize
+from mcpm.data.pipeline import batch_mix, make_dataset, make_iterator
 from mcpm.data.sources import DataSourceError
 from mcpm.tokenizer import Tokenizer, train_tokenizer
 
@@ -40,7 +41,8 @@ def write_jsonl(path, n, tag="doc", seed=0):
 def cfg_for(tok_path, *sources, **kw):
     srcs = tuple(s if isinstance(s, DataSourceConfig) else
                  DataSourceConfig(kind="files", paths=(s,)) for s in sources)
-    kw = {"seq_len": 64, "batch_size": 4, "prefetch": 0, "read_threads": 0, **kw}
+    kw = {"seq_len": 64, "batch_size": 4, "prefetch": 0, "read_threads": 0,
+          "shuffle_window": 64, **kw}  # a small window: each fill re-reads it, keep tests fast
     return DataConfig(sources=srcs, tokenizer=tok_path, **kw)
 
 
@@ -104,7 +106,7 @@ def test_resume_mid_epoch_gives_the_same_following_batches(tok_path, tmp_path):
 
 def test_epochs_are_reshuffled_and_cover_every_document(tok_path, tmp_path):
     path = write_jsonl(tmp_path / "a.jsonl", 30)
-    cfg = cfg_for(tok_path, path)
+    cfg = cfg_for(tok_path, path, shuffle_window=0)  # pieces in order: epochs stay apart
     epoch1 = doc_ids(list(make_iterator(cfg, num_epochs=1)), tok_path)
     assert sorted(epoch1) == list(range(30))
     two = doc_ids(list(make_iterator(cfg, num_epochs=2)), tok_path)
@@ -112,6 +114,12 @@ def test_epochs_are_reshuffled_and_cover_every_document(tok_path, tmp_path):
     unshuffled = doc_ids(list(make_iterator(cfg_for(tok_path, path, shuffle=False),
                                             num_epochs=1)), tok_path)
     assert sorted(unshuffled) == list(range(30)) and unshuffled != epoch1
+    # with the window too: every document once per epoch
+    windowed = cfg_for(tok_path, path)
+    assert sorted(doc_ids(list(make_iterator(windowed, num_epochs=1)), tok_path)) == \
+        list(range(30))
+    assert sorted(doc_ids(list(make_iterator(windowed, num_epochs=2)), tok_path)) == \
+        sorted(list(range(30)) * 2)
 
 
 def test_hosts_read_disjoint_documents_that_together_are_all(tok_path, tmp_path):
@@ -137,15 +145,17 @@ def test_mixture_follows_the_weights(tok_path, tmp_path):
                          weight=3.0, label="A")
     b = DataSourceConfig(kind="files", paths=(write_jsonl(tmp_path / "b.jsonl", 50, "b", 1),),
                          weight=1.0, label="B")
-    it = make_iterator(cfg_for(tok_path, a, b))
-    batches = take(it, 40)
-    stats = it.stats()
-    na, nb = stats["documents/A"], stats["documents/B"]
-    assert na + nb == stats["documents"] > 200
-    assert abs(na / (na + nb) - 0.75) < 0.02
-    # the documents really come from both sources, A's cycling through epochs
-    assert len(set(doc_ids(batches, tok_path, "a"))) == 50
-    assert len(set(doc_ids(batches, tok_path, "b"))) > 40
+    for window in (0, 64):
+        it = make_iterator(cfg_for(tok_path, a, b, shuffle_window=window))
+        batches = take(it, 40)
+        stats = it.stats()
+        na, nb = stats["documents/A"], stats["documents/B"]
+        assert na + nb == stats["documents"] > 200
+        assert abs(na / (na + nb) - 0.75) < 0.02
+        # the documents really come from both sources, A's cycling through epochs (in order
+        # without the window; a window holds many epochs of A and packs a random part of it)
+        assert len(set(doc_ids(batches, tok_path, "a"))) >= (50 if window == 0 else 45)
+        assert len(set(doc_ids(batches, tok_path, "b"))) > 40
 
 
 def test_every_file_format(tok_path, tmp_path):
@@ -373,7 +383,8 @@ def test_data_config_is_checked_with_helpful_messages():
            ({"sources": []}, "data.sources is empty"),
            ({"max_doc_tokens": 600}, "max_doc_tokens"),
            ({"seq_lenn": 3}, "did you mean 'seq_len'"),
-           ({"workers": -1}, "data.workers")]
+           ({"workers": -1}, "data.workers"),
+           ({"shuffle_window": -1}, "data.shuffle_window must be >= 0")]
     for data, msg in bad:
         with pytest.raises(ConfigError, match=msg):
             from_dict(DataConfig, data, "data")
@@ -395,3 +406,127 @@ def test_worker_processes_are_deterministic_and_resume(tok_path, tmp_path):
         it.close()
     # one worker reads, tokenizes and packs exactly what the in-process pipeline does
     assert same(take(make_iterator(cfg_for(tok_path, path)), 8)[3:], expected)
+
+
+# -- the pieces' window shuffle ------------------------------------------------------------------
+
+def write_long_and_short(d, n_long=3, n_short=60, seed=0):
+    """A files source of whole-file documents: a few long ones (~23 rows of 64 tokens each) and
+    many short ones; each starts with its "<doc i>" marker. Returns its glob and the texts."""
+    d.mkdir()
+    rng = np.random.default_rng(seed)
+    texts = {}
+    for i in range(n_long + n_short):
+        words = 300 if i < n_long else int(rng.integers(2, 30))
+        texts[i] = f"<doc {i}> " + " ".join(rng.choice(WORDS, words))
+        (d / f"{i:03d}.txt").write_text(texts[i])
+    return str(d / "*.txt"), texts
+
+
+def with_doc_ids(cfg, n=None, **kw):
+    it = iter(make_dataset(cfg, doc_ids=True, **kw))
+    try:
+        return list(it) if n is None else take(it, n)
+    finally:
+        it.close()
+
+
+def test_the_window_spreads_long_documents_and_mixes_batches(tok_path, tmp_path):
+    glob, _ = write_long_and_short(tmp_path / "c", n_short=120)
+    for window, mixed in ((0, False), (128, True)):
+        cfg = cfg_for(tok_path, glob, shuffle_window=window, batch_size=8)
+        batches = with_doc_ids(cfg, num_epochs=1)
+        ids = [b["doc_ids"][b["doc_ids"] >= 0] for b in batches]
+        sizes = {d: n for d, n in zip(*np.unique(np.concatenate(ids), return_counts=True))}
+        longest = sorted(sizes, key=sizes.get)[-3:]  # the 3 long documents' numbers
+        spread = [sum(d in i for i in ids) for d in longest]  # batches holding each
+        rows = [-(-sizes[d] // 512) for d in longest]  # the fewest batches it fits in
+        mix = batch_mix(cfg, len(batches) + 1, num_epochs=1)
+        assert mix["batches"] == len(batches)
+        assert mix["distinct"] == [len(np.unique(i)) for i in ids]
+        if mixed:
+            assert all(s >= 3 * r for s, r in zip(spread, rows)), (spread, rows)
+            assert mix["max_share_max"] < 0.7 and mix["distinct_min"] >= 3
+        else:  # in order: each long document fills consecutive whole batches
+            assert all(s <= r + 1 for s, r in zip(spread, rows)), (spread, rows)
+            assert mix["max_share_max"] == 1.0 and mix["distinct_min"] == 1
+
+
+@pytest.mark.parametrize("window", [0, 64])
+def test_every_target_token_is_trained_once_per_epoch(tok_path, tmp_path, window):
+    glob, texts = write_long_and_short(tmp_path / "c", n_long=2, n_short=25)
+    batches = with_doc_ids(cfg_for(tok_path, glob, shuffle_window=window, read_threads=2),
+                           num_epochs=1)
+    sp = Tokenizer(tok_path).sp
+    trained, names = {}, {}  # per document number: its trained (input, target) pairs, its i
+    for b in batches:
+        for r in range(b["inputs"].shape[0]):
+            seg = b["segment_ids"][r]
+            for s in range(1, seg.max() + 1):
+                where = seg == s
+                inp, tgt, w, doc = (b[k][r][where] for k in ("inputs", "targets", "weights",
+                                                             "doc_ids"))
+                assert len(set(doc.tolist())) == 1
+                trained.setdefault(int(doc[0]), []).extend(
+                    (int(a), int(t)) for a, t, ww in zip(inp, tgt, w) if ww)
+                if inp[0] == 1:  # bos: the first piece names its document
+                    names[int(doc[0])] = int(re.match(r"<doc (\d+)>",
+                                                      sp.decode(inp[1:].tolist())).group(1))
+    assert sorted(names.values()) == list(range(len(texts))) and set(names) == set(trained)
+    tokenize = Tokenize(tok_path)
+    for number, i in names.items():
+        tokens = tokenize.map((0, (texts[i], None)))["tokens"].tolist()
+        assert sorted(trained[number]) == sorted(zip(tokens[:-1], tokens[1:])), i
+
+
+def test_resume_mid_window_and_mid_document_gives_the_same_batches(tok_path, tmp_path):
+    glob, _ = write_long_and_short(tmp_path / "c", n_long=3, n_short=30)
+    cfg = cfg_for(tok_path, glob, shuffle_window=48, read_threads=2, prefetch=2)
+    reference = make_iterator(cfg)
+    batches, states = [], []
+    for _ in range(90):  # about two epochs
+        states.append(json.loads(json.dumps(reference.get_state())))
+        batches.append(next(reference))
+    pack_states = [s["pipeline"]["parent"] for s in states]  # the window's state
+    cuts = [k for k in np.random.default_rng(0).choice(85, 6, replace=False)]
+    assert any(0 < pack_states[k]["pos_in_window"] < 48 for k in cuts)
+    assert any(pack_states[k]["parent_window_start_state"]["piece"] > 0 for k in cuts)
+    for k in cuts:
+        it = make_iterator(cfg)
+        take(it, k)
+        state = json.loads(json.dumps(it.get_state()))
+        assert state == states[k]
+        expected, stats = take(it, 5), it.stats()
+        assert same(expected, batches[k:k + 5])
+        restored = make_iterator(cfg)
+        restored.set_state(state)
+        assert same(take(restored, 5), expected) and restored.stats() == stats
+    # a changed window (or seed) gives other batches
+    assert not same(take(make_iterator(cfg_for(tok_path, glob, shuffle_window=48, seed=1)), 20),
+                    batches[:20])
+    assert not same(take(make_iterator(cfg_for(tok_path, glob, shuffle_window=0)), 20),
+                    batches[:20])
+
+
+def test_unshuffled_data_keeps_its_pieces_in_order(tok_path, tmp_path):
+    glob, _ = write_long_and_short(tmp_path / "c", n_long=2, n_short=10)
+    ordered = list(make_iterator(cfg_for(tok_path, glob, shuffle=False, shuffle_window=0),
+                                 num_epochs=1))
+    assert same(list(make_iterator(cfg_for(tok_path, glob, shuffle=False, shuffle_window=64),
+                                   num_epochs=1)), ordered)
+    assert not same(list(make_iterator(cfg_for(tok_path, glob, shuffle_window=64),
+                                       num_epochs=1)), ordered)
+
+
+def test_a_data_state_from_the_old_pipeline_is_refused_saying_what_to_do(tok_path, tmp_path):
+    from mcpm.config import UserError
+    path = write_jsonl(tmp_path / "a.jsonl", 30)
+    it = make_iterator(cfg_for(tok_path, path))
+    # what the pipeline before data.shuffle_window saved (its packer's state, then counters)
+    old = {"pipeline": {"parent": {"next_index": 10}, "pending": 1, "piece": 0, "bad_run": 0},
+           "stats": {"batches": 2, "documents": 10, "segments": 12, "tokens": 428}}
+    with pytest.raises(DataSourceError, match=r"data-iterator state is from an older data "
+                                              r"pipeline.*mcpm train \.\.\. --restart-data") as e:
+        it.set_state(old)
+    assert isinstance(e.value, UserError)
+    it.set_state(it.get_state())  # the current format restores

@@ -1,4 +1,5 @@
-"""The training input pipeline: sources -> host shard -> shuffle -> mixture -> tokenize -> pack.
+"""The training input pipeline: sources -> host shard -> shuffle -> mixture -> tokenize -> split
+into pieces -> window shuffle of the pieces -> pack.
 
 Built from grain's dataset API::
 
@@ -6,14 +7,21 @@ Built from grain's dataset API::
                  .shuffle(seed_i).repeat()                                    # reshuffled per epoch
     MapDataset.mix(sources, weights)                                          # weighted mixture
       .map(Tokenize(tokenizer)).to_iter_dataset(ReadOptions(read_threads))    # parallel reads
-    PackIterDataset(rows = batch_size / process_count, seq_len)               # packed batches
+    PackIterDataset(rows = batch_size / process_count, seq_len,               # packed batches:
+                    shuffle_window)     # pieces of <= piece_len, shuffled in windows, packed
       .mp_prefetch(workers) | ThreadPrefetchIterDataset(prefetch)             # prefetch
 
 Guarantees:
 
 - Same config and seed -> the same batches. ``get_state()`` / ``set_state()`` (a JSON-serialisable
   dict holding grain's iterator state and the bad-data counters) restore an iterator mid-epoch
-  (or mid-document) so that it produces the same following batches.
+  (or mid-document, mid-window) so that it produces the same following batches. A state saved
+  by an older layout of the pipeline (no ``"format": STATE_FORMAT``) is refused with a
+  :class:`DataSourceError` that says to resume with ``--restart-data``.
+- Mixing: documents are shuffled, split into pieces of at most ``piece_len`` tokens, and the
+  pieces shuffled again within windows of ``data.shuffle_window`` pieces, so a long document is
+  spread over many batches and a batch holds many documents (:func:`batch_mix` measures it).
+  ``data.shuffle: false`` (evaluation) shuffles neither.
 - Per-host: process i reads documents ``i, i + P, i + 2P, ...`` of every source, so within an
   epoch of a source the processes' documents are disjoint and together are all of its documents;
   each process packs its own ``batch_size / P`` rows (the rows of one step on all hosts are not
@@ -36,7 +44,8 @@ import grain
 import numpy as np
 
 from mcpm.config import DataConfig, DataSourceConfig
-from mcpm.data.packing import DOC_KEY, PackIterDataset, Tokenize, stat_keys
+from mcpm.data.packing import (DOC_KEY, OLD_STATE_MESSAGE, OldStateError, PackIterDataset,
+                               Tokenize, stat_keys)
 from mcpm.data.sources import (UNREADABLE_FILES, DataSourceError, DocumentSource,
                                open_builtin_source, open_files_source, open_tfds_source)
 
@@ -44,6 +53,7 @@ log = logging.getLogger("mcpm.data")
 
 BATCH_KEYS = ("inputs", "targets", "weights", "positions", "segment_ids")
 PROBE_DOCS = 1000  # documents read at the start to check that a source has some text
+STATE_FORMAT = 2  # get_state()'s layout: 2 = pieces shuffled in windows (data.shuffle_window)
 
 
 def cache_dir(cfg: DataConfig) -> Path:
@@ -96,6 +106,9 @@ def _seed(seed: int, i: int) -> int:
     return int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
 
 
+WINDOW_SEED_TAG = 1 << 20  # the pieces' window shuffle's seed: _seed(seed, this) (sources: 0..)
+
+
 class _Tag:
     """Pairs a source's documents with the source's index (picklable for mp_prefetch)."""
 
@@ -107,11 +120,13 @@ class _Tag:
 
 
 def make_dataset(cfg: DataConfig, *, process_index: int = 0, process_count: int = 1,
-                 num_epochs: int | None = None) -> "StatsIterDataset":
+                 num_epochs: int | None = None, doc_ids: bool = False) -> "StatsIterDataset":
     """The packed-batch ``grain.IterDataset`` for this process (see the module docstring).
 
     Opens and checks every source and the tokenizer now, so configuration and data problems
     surface before training starts. ``iter()`` of the result is a :class:`DataIterator`.
+    ``doc_ids``: batches also hold ``"doc_ids"`` (each token's document number; measuring only,
+    see :func:`batch_mix`).
     """
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
@@ -145,7 +160,9 @@ def make_dataset(cfg: DataConfig, *, process_index: int = 0, process_count: int 
                              prefetch_buffer_size=16 * cfg.read_threads)
     docs = mixed.map(Tokenize(str(tokenizer))).to_iter_dataset(read)
     ds = PackIterDataset(docs, seq_len=cfg.seq_len, rows=cfg.batch_size // process_count,
-                         piece_len=cfg.piece_len, source_labels=labels)
+                         piece_len=cfg.piece_len, source_labels=labels,
+                         shuffle_window=cfg.shuffle_window if cfg.shuffle else 0,
+                         seed=_seed(cfg.seed, WINDOW_SEED_TAG) >> 2, doc_ids=doc_ids)
     if cfg.workers:
         _absl_flags_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(
@@ -208,9 +225,12 @@ class DataIterator(grain.DatasetIterator):
         return dict(self._stats_counts)
 
     def get_state(self) -> dict[str, Any]:
-        return {"pipeline": self._parent.get_state(), "stats": dict(self._stats_counts)}
+        return {"format": STATE_FORMAT, "pipeline": self._parent.get_state(),
+                "stats": dict(self._stats_counts)}
 
     def set_state(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise OldStateError(OLD_STATE_MESSAGE)
         self._parent.set_state(state["pipeline"])
         saved = state.get("stats", {})
         self._stats_counts = {k: int(saved.get(k, 0)) for k in self._stats_counts}
@@ -242,5 +262,61 @@ def _noop():
     pass
 
 
-__all__ = ["BATCH_KEYS", "DOC_KEY", "DataIterator", "DataSourceError", "make_dataset",
-           "make_iterator", "resolve_tokenizer", "open_source", "cache_dir"]
+def batch_mix(cfg: DataConfig, num_batches: int = 200, *, process_index: int = 0,
+              process_count: int = 1, num_epochs: int | None = None) -> dict[str, Any]:
+    """How well the batches of ``cfg``'s pipeline mix documents, over its first ``num_batches``
+    batches (of this process): per batch, the number of distinct documents with a token in it
+    and the largest share of the batch's (non-padding) tokens that come from one document.
+
+    Returns ``{"batches", "distinct": [per batch], "max_share": [per batch]}`` plus summaries
+    (``distinct_min/median/mean``, ``max_share_mean/median/max``). Runs in this process
+    (``workers`` and ``prefetch`` are ignored); a document read again in a later epoch counts
+    as another document; ``num_epochs`` stops at the end of that many epochs. From a shell:
+    ``python -m mcpm.data.pipeline CONFIG.yaml [NUM_BATCHES] [key=value ...]``.
+    """
+    import dataclasses
+    cfg = dataclasses.replace(cfg, workers=0, prefetch=0)
+    it = iter(make_dataset(cfg, process_index=process_index, process_count=process_count,
+                           num_epochs=num_epochs, doc_ids=True))
+    distinct, share = [], []
+    try:
+        for _ in range(num_batches):
+            try:
+                ids = next(it)["doc_ids"]
+            except StopIteration:
+                break
+            _, counts = np.unique(ids[ids >= 0], return_counts=True)
+            distinct.append(int(len(counts)))
+            share.append(float(counts.max() / counts.sum()) if len(counts) else 0.0)
+    finally:
+        it.close()
+    d, m = np.asarray(distinct or [0]), np.asarray(share or [0.0])
+    return {"batches": len(distinct), "distinct": distinct, "max_share": share,
+            "distinct_min": int(d.min()), "distinct_median": float(np.median(d)),
+            "distinct_mean": float(d.mean()), "max_share_mean": float(m.mean()),
+            "max_share_median": float(np.median(m)), "max_share_max": float(m.max())}
+
+
+def _main(argv: list[str]) -> None:
+    """``python -m mcpm.data.pipeline CONFIG.yaml [NUM_BATCHES] [key=value ...]``: batch_mix."""
+    from mcpm.config import Config, load_config
+    n = int(argv[1]) if len(argv) > 1 and argv[1].isdigit() else 200
+    overrides = [a for a in argv[1:] if "=" in a]
+    cfg: Config = load_config(argv[0], overrides)
+    mix = batch_mix(cfg.data, n)
+    print(f"data.shuffle_window={cfg.data.shuffle_window} shuffle={cfg.data.shuffle} "
+          f"seq_len={cfg.data.seq_len} batch_size={cfg.data.batch_size}: {mix['batches']} "
+          f"batches; distinct documents per batch min {mix['distinct_min']} median "
+          f"{mix['distinct_median']:g} mean {mix['distinct_mean']:.1f}; largest share of one "
+          f"document mean {mix['max_share_mean']:.3f} median {mix['max_share_median']:.3f} "
+          f"max {mix['max_share_max']:.3f}")
+
+
+if __name__ == "__main__":
+    import sys
+    _main(sys.argv[1:])
+
+
+__all__ = ["BATCH_KEYS", "DOC_KEY", "STATE_FORMAT", "DataIterator", "DataSourceError",
+           "OldStateError", "batch_mix", "make_dataset", "make_iterator", "resolve_tokenizer",
+           "open_source", "cache_dir"]
