@@ -385,8 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="accept a changed steps that makes the learning rate jump at the "
                          "resume step (e.g. extending a finished run re-warms it)")
     tr.add_argument("--restart-data", action="store_true",
-                    help="resume a checkpoint that has no data-iterator state, starting the "
-                         "data pipeline afresh (its first batches are seen again)")
+                    help="resume a checkpoint whose data-iterator state is missing or from an "
+                         "older pipeline, starting the data pipeline afresh (its first batches "
+                         "are seen again)")
     tr.add_argument("--distributed", choices=["flags", "auto", "off"], default="flags",
                     help="multi-host: 'flags' uses --coordinator/... or MCPM_* variables when "
                          "given; 'auto' lets JAX detect the pod")

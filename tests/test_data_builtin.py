@@ -21,8 +21,9 @@ def _files(root: Path):
 
 def test_builtin_corpus_is_prepared_once_and_reused(tmp_path, monkeypatch):
     monkeypatch.setenv("MCPM_CACHE", str(tmp_path / "cache"))
+    # pieces in document order, so that row 0 starts with a document's first piece
     cfg = DataConfig(seq_len=128, batch_size=2, builtin_limit=LIMIT, builtin_vocab_size=400,
-                     prefetch=0)
+                     prefetch=0, shuffle_window=0)
     it = make_iterator(cfg)  # prepares the dataset and trains the tokenizer
     batches = [next(it) for _ in range(4)]
     root = tmp_path / "cache" / "builtin"

@@ -195,6 +195,27 @@ def test_missing_data_state_refuses_then_restarts_the_data_when_asked(tmp_path):
     assert read_metrics(tmp_path / "metrics.jsonl")[-1]["data_batches"] == 2   # batches 0, 1
 
 
+def test_an_older_pipelines_data_state_refuses_before_any_write(tmp_path):
+    from mcpm.data.pipeline import OldStateError
+    from test_train_loop import CountingSource
+
+    class Older(CountingSource):
+        def set_state(self, state):
+            raise OldStateError("the data state is from an older pipeline")
+
+    run(tmp_path, steps=4)
+    before = snapshot(tmp_path)
+    cfg = config(tmp_path, "train.steps=6")
+    older = Older(cfg.data.batch_size, cfg.data.seq_len, cfg.model.vocab_size)
+    with pytest.raises(OldStateError, match="older pipeline"):
+        train(cfg, data=older, progress=False, confirm_schedule_change=True)
+    assert snapshot(tmp_path) == before
+    with pytest.warns(UserWarning, match="older pipeline.*--restart-data"):
+        out = train(cfg, data=older, progress=False, confirm_schedule_change=True,
+                    restart_data=True)
+    assert out["note"] == "resumed from step 4" and out["step"] == 6
+
+
 def test_refused_commands_leave_nothing_behind_and_reinit_moves_the_run_aside(tmp_path):
     # a mesh the devices cannot form: no workdir at all
     with pytest.raises(Exception, match="mesh"):

@@ -160,7 +160,7 @@ def train(cfg: Config, *, data=None, eval_data=None, progress: bool = True, rein
     instead of the one ``cfg.data`` describes (tests), and ``eval_data`` a list of local batches
     to measure ``eval_loss`` on with it (none: no evaluation).
     """
-    from mcpm.data.pipeline import make_iterator
+    from mcpm.data.pipeline import OldStateError, make_iterator
 
     t = cfg.train
     run_dir, total, decay_start, branch_from = run_layout(cfg)
@@ -233,6 +233,14 @@ def train(cfg: Config, *, data=None, eval_data=None, progress: bool = True, rein
                 changes.append("the branch decays on other data: its data pipeline starts "
                                "afresh")
             note = f"branch decay from step {start} of {branch_from}"
+        if data_state is not None:  # before any write: an unusable data state refuses here
+            try:
+                source.set_state(data_state)
+            except OldStateError as e:
+                if not restart_data:
+                    raise
+                warnings.warn(f"{e} (--restart-data: the data pipeline starts afresh)",
+                              stacklevel=2)
         if start >= total:
             done = {}
             if (run_dir / "summary.json").is_file():  # what the run that got here reported
@@ -253,8 +261,6 @@ def train(cfg: Config, *, data=None, eval_data=None, progress: bool = True, rein
     ckpts = RunCheckpoints(run_dir, t.keep_last, t.keep_every)
     if state is None:
         state = program.init()
-    if data_state is not None:
-        source.set_state(data_state)
     step_fn = program.step
 
     peak = t.peak_flops_per_device or measure_peak_flops()
