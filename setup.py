@@ -15,6 +15,8 @@ setup(
     packages=["mcpm", "mcpm.model", "mcpm.data", "mcpm.train", "mcpm.tunnel", "mcpm_kernels",
               "mcpm_kernels.infllmv2", "mcpm_kernels.dense_attention"],
     package_dir={"mcpm": "mcpm", "mcpm_kernels": "kernels"},
+    # the generated indicator and downstream sets that `mcpm tunnel` uses by default
+    package_data={"mcpm.tunnel": ["data/*.jsonl", "data/README.md"]},
     install_requires=[
         "jax>=0.10.2,<0.13",
         "flax>=0.12.8,<0.13",

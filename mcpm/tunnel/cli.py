@@ -71,6 +71,7 @@ def register(sub) -> None:
     ds.add_argument("data", nargs="?", default="",
                     help="JSONL of {context, choices, answer} rows (default: the set mcpm ships)")
     ds.add_argument("--batch-size", type=int, default=8)
+    ds.add_argument("--seq-len", type=int, default=512)
     ds.add_argument("--out", default="", help="also write the result as JSON here")
     ds.set_defaults(func=_run("tasks", "downstream_command"))
 
