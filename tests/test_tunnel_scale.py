@@ -108,6 +108,8 @@ def test_transfer_sweeps_parametrizations_and_resumes(cache, tmp_path):
     # width 32 is this config's base width: muP and SP are the same runs there
     by = {(r["parametrization"], r["lr"]): r["loss"] for r in rows}
     assert by["mup", 0.02] == by["sp", 0.02] and by["mup", 0.005] == by["sp", 0.005]
+    assert [r.get("same_as") for r in rows] == [None, None, "mup", "mup"]  # trained once
+    assert not (tmp_path / "sp").exists()
     before = _mtimes(tmp_path / "mup")
     run_transfer(cfg, say=lambda s: None)
     assert _mtimes(tmp_path / "mup") == before

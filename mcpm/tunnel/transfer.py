@@ -43,9 +43,17 @@ def run_transfer(cfg: Config, *, progress: bool = False, say=print) -> tuple[Pat
     points = [(p, w, lr) for p in tr.parametrizations for w in tr.widths for lr in tr.lrs]
     rows = []
     bar = tqdm(points, desc="transfer", unit="run", disable=not progress, dynamic_ncols=True)
+    trained = {}  # at the base width SP is muP: the same run, trained once
     for p, w, lr in bar:
         c = point_config(cfg, p, w, lr)
         row = {"parametrization": p, "width": w, "lr": lr, "n_params": c.model.num_params()}
+        same = dataclasses.replace(c, train=dataclasses.replace(c.train, workdir=""))
+        if same in trained:
+            row.update({k: v for k, v in trained[same].items() if k not in row}, same_as=
+                       trained[same]["parametrization"])
+            rows.append(row)
+            _write_rows(workdir / TABLE, rows)
+            continue
         try:
             out = train(c, progress=False)
             loss = out.get("eval_loss")
@@ -54,6 +62,7 @@ def run_transfer(cfg: Config, *, progress: bool = False, say=print) -> tuple[Pat
         except TrainingError as e:
             row.update(loss=None, status="diverged", error=str(e).splitlines()[0])
         rows.append(row)
+        trained[same] = row
         _write_rows(workdir / TABLE, rows)
         bar.set_postfix(p=p, w=w, lr=f"{lr:g}",
                         loss="diverged" if row["loss"] is None else f"{row['loss']:.3f}")
