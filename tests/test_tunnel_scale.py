@@ -129,3 +129,16 @@ def test_trial_is_a_stable_run_plus_a_branch_decay(cache, tmp_path):
     assert rows[-1]["lr"] < cfg.train.schedule.peak_lr  # it decayed
     # a finished trial is read back, not trained again
     assert run_trial(cfg, tmp_path, steps=4, decay_steps=2)["objective"] == out["objective"]
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_an_interrupted_run_stops_the_sweep(monkeypatch, sig):
+    """train() saves and returns on Ctrl-C / SIGTERM; a sweep must stop, not go on to the
+    runs that need the unfinished one (the branch needs its fork checkpoint)."""
+    import mcpm.train.loop as loop
+    from mcpm.cli import Terminated
+    from mcpm.tunnel.trial import train_through
+    monkeypatch.setattr(loop, "train", lambda cfg, progress=False: {
+        "preempted": True, "signal": sig, "step": 3})
+    with pytest.raises(Terminated if sig == "SIGTERM" else KeyboardInterrupt):
+        train_through(load_config("configs/tunnel-tiny.yaml"))

@@ -38,6 +38,9 @@ def register(sub) -> None:
     s.add_argument("config")
     s.add_argument("overrides", nargs="*", help="key=value; trials=, sampler=, storage=, "
                                                 "parallel=, ... set tunnel.search.*")
+    s.add_argument("--width", type=int, default=None,
+                   help="also write best-widthN.yaml: the best settings at this width (muP "
+                        "carries them over), ready for mcpm train")
     s.set_defaults(func=_run("search", "search_command"))
 
     tr = tsub.add_parser("transfer", help="lr sweeps at several widths, muP against standard "

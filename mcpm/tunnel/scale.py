@@ -56,7 +56,8 @@ def width_configs(cfg: Config, width: int, fork: int, gcd: int, workdir: Path
 
 def run_scale(cfg: Config, *, progress: bool = True, say=print) -> Path:
     """Train every width's main run and branches (resuming what exists); returns the table."""
-    from mcpm.train.loop import TrainingError, train
+    from mcpm.train.loop import TrainingError
+    from mcpm.tunnel.trial import train_through as train
 
     sc = cfg.tunnel.scale
     workdir = Path(sc.workdir)

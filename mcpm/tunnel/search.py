@@ -826,5 +826,5 @@ def search_command(args) -> int:
             if item.split("=", 1)[0] in SECTION_ALIASES["search"]:
                 message = message.replace(f"override tunnel.search.{item}", f"override {item}")
         raise ConfigError(message) from None
-    result = run_search(cfg)
+    result = run_search(cfg, target_width=getattr(args, "width", None))
     return 0 if result.best_params is not None else 1

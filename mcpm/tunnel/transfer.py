@@ -35,7 +35,8 @@ def run_transfer(cfg: Config, *, progress: bool = False, say=print) -> tuple[Pat
     """Train every (parametrisation, width, lr) point; returns (the table, the plot)."""
     from tqdm import tqdm
 
-    from mcpm.train.loop import TrainingError, train
+    from mcpm.train.loop import TrainingError
+    from mcpm.tunnel.trial import train_through as train
 
     tr = cfg.tunnel.transfer
     workdir = Path(tr.workdir)

@@ -34,6 +34,21 @@ def trial_configs(cfg: Config, workdir: str | Path, *, steps: int, decay_steps: 
     return stable, branch
 
 
+def train_through(cfg: Config, *, progress: bool = False) -> dict:
+    """``mcpm.train.loop.train`` for a sweep: a run stopped by Ctrl-C or SIGTERM has saved its
+    checkpoint and returned, and so the sweep stops too (KeyboardInterrupt, or the CLI's
+    Terminated for SIGTERM) instead of going on to runs that need the unfinished one."""
+    from mcpm.train.loop import train
+
+    out = train(cfg, progress=progress)
+    if out.get("preempted"):
+        if out.get("signal") == "SIGTERM":
+            from mcpm.cli import Terminated
+            raise Terminated()
+        raise KeyboardInterrupt()
+    return out
+
+
 def run_trial(cfg: Config, workdir: str | Path, *, steps: int, decay_steps: int,
               objective: str = "eval_loss", indicator_data: str = "",
               progress: bool = False) -> dict:
@@ -45,14 +60,14 @@ def run_trial(cfg: Config, workdir: str | Path, *, steps: int, decay_steps: int,
     ScalingBench-style loss on ``indicator_data``, ``""``: the shipped set). Raises
     :class:`TrialDiverged` when the run stops on non-finite losses or ends non-finite.
     """
-    from mcpm.train.loop import TrainingError, train
+    from mcpm.train.loop import TrainingError
 
     if objective not in ("eval_loss", "indicator"):
         raise ValueError(f"objective must be 'eval_loss' or 'indicator', got {objective!r}")
     stable, branch = trial_configs(cfg, workdir, steps=steps, decay_steps=decay_steps)
     try:
-        train(stable, progress=progress)
-        out = train(branch, progress=progress)
+        train_through(stable, progress=progress)
+        out = train_through(branch, progress=progress)
     except TrainingError as e:
         raise TrialDiverged(str(e)) from None
     indicator = None
