@@ -38,6 +38,17 @@ class ModelApply:
         return nnx.merge(self.graphdef, state)
 
 
+def loss_sums(model: MiniCPM4, batch: dict, loss_chunk: int = 0) -> dict:
+    """The batch's next-token loss sums (``nll``, ``z``, ``tokens``) under ``model``; without
+    ``segment_ids`` every row is one document (cuDNN attention can take such a batch)."""
+    out = model(batch["inputs"], positions=batch["positions"],
+                segment_ids=batch.get("segment_ids"), return_hidden=bool(loss_chunk))
+    if loss_chunk:
+        return chunked_cross_entropy_sums(out, model.logits, batch["targets"], batch["weights"],
+                                          loss_chunk)
+    return cross_entropy_sums(out, batch["targets"], batch["weights"])
+
+
 def make_eval_step(model_cfg: ModelConfig, *, loss_chunk: int = 0,
                    activation_rules: Callable[[], contextlib.AbstractContextManager] | None = None):
     """``eval_step(params, batch) -> {"nll", "tokens"}``: the summed next-token loss of a batch
@@ -48,14 +59,7 @@ def make_eval_step(model_cfg: ModelConfig, *, loss_chunk: int = 0,
 
     def eval_step(params: dict, batch: dict):
         with hints(), precision_scope(model_cfg):
-            model = apply.model(params)
-            out = model(batch["inputs"], positions=batch["positions"],
-                        segment_ids=batch.get("segment_ids"), return_hidden=bool(loss_chunk))
-            if loss_chunk:
-                sums = chunked_cross_entropy_sums(out, model.logits, batch["targets"],
-                                                  batch["weights"], loss_chunk)
-            else:
-                sums = cross_entropy_sums(out, batch["targets"], batch["weights"])
+            sums = loss_sums(apply.model(params), batch, loss_chunk)
         return {"nll": sums["nll"], "tokens": sums["tokens"]}
 
     return eval_step
@@ -92,15 +96,7 @@ def make_train_step(model_cfg: ModelConfig, tx: optax.GradientTransformation,
 
     def sums_and_grads(params, micro):
         def objective(p):
-            model = apply.model(p)
-            # no segment_ids: one document per row (cuDNN attention can take such a batch)
-            out = model(micro["inputs"], positions=micro["positions"],
-                        segment_ids=micro.get("segment_ids"), return_hidden=bool(loss_chunk))
-            if loss_chunk:
-                sums = chunked_cross_entropy_sums(out, model.logits, micro["targets"],
-                                                  micro["weights"], loss_chunk)
-            else:
-                sums = cross_entropy_sums(out, micro["targets"], micro["weights"])
+            sums = loss_sums(apply.model(p), micro, loss_chunk)
             return sums["nll"] + z_loss * sums["z"], sums
         # the backward pass is traced here, outside the model's call: the same precision
         with precision_scope(model_cfg):
