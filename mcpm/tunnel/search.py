@@ -163,9 +163,12 @@ def _setup(cfg: Config) -> dict:
     sc = cfg.tunnel.search
     base = dataclasses.replace(cfg, tunnel=TunnelConfig(),
                                train=dataclasses.replace(cfg.train, workdir=""))
+    from mcpm.train.resume import RESUMABLE, _allowed
     flat = _flatten(json.loads(json.dumps(to_dict(base))))
     for name in sc.params:
         flat.pop(SETTING_KEYS[name], None)
+    # what a run may change on resume (logging, the mesh, data threads) changes no value
+    flat = {k: v for k, v in flat.items() if not _allowed(k, RESUMABLE)}
     space = (grid_space(sc) if sc.sampler == "grid" else
              {n: list(sc.batch_sizes) if n == "batch_size" else list(getattr(sc, n))
               for n in sc.params})
