@@ -94,6 +94,11 @@ def test_scale_resumes_and_adds_widths_and_forks_later(cache, tmp_path):
                  "tunnel.scale.decays=[6]")
     with pytest.raises(ScaleError, match="already at step 8.*no checkpoint at 6"):
         run_scale(late, progress=False, say=lines.append)
+    # another decay ratio in the same sweep is refused before anything trains
+    other = small(cache, f"tunnel.scale.workdir={tmp_path}", "tunnel.scale.widths=[32]",
+                  "tunnel.scale.decays=[4]", "tunnel.scale.decay_ratio=1.0")
+    with pytest.raises(ScaleError, match="decayed for 2 steps, this sweep asks for 4"):
+        run_scale(other, progress=False, say=lines.append)
 
 
 def test_transfer_sweeps_parametrizations_and_resumes(cache, tmp_path):

@@ -84,7 +84,14 @@ def run_scale(cfg: Config, *, progress: bool = True, say=print) -> Path:
             main, branch = width_configs(cfg, width, fork, gcd, workdir)
             key = (width, fork)
             done += 1
-            if rows.get(key, {}).get("status") == "ok":
+            old = rows.get(key, {})
+            if old and old.get("decay_steps") != branch.train.decay_steps:
+                raise ScaleError(
+                    f"{table}: the branch of width {width} from step {fork} decayed for "
+                    f"{old.get('decay_steps')} steps, this sweep asks for "
+                    f"{branch.train.decay_steps} (tunnel.scale.decay_ratio changed); a sweep "
+                    "keeps one decay ratio: give this one its own tunnel.scale.workdir")
+            if old.get("status") == "ok":
                 continue
             n = non_embedding_params(main)
             row = {"width": width, "n_params": n, "n_params_total": main.model.num_params(),
