@@ -103,8 +103,9 @@ def main() -> None:
     from mcpm.tunnel.scale import run_scale
     sc_cfg = dataclasses.replace(tuned, tunnel=dataclasses.replace(
         tuned.tunnel, scale=dataclasses.replace(
-            tuned.tunnel.scale, workdir=str(work / "scale"), widths=tuple(SCALE["widths"]),
-            decays=tuple(SCALE["decays"]), decay_ratio=SCALE["decay_ratio"])))
+            tuned.tunnel.scale, workdir=str(work / f"scale-r{SCALE['decay_ratio']:g}"),
+            widths=tuple(SCALE["widths"]), decays=tuple(SCALE["decays"]),
+            decay_ratio=SCALE["decay_ratio"])))
     table = run_scale(sc_cfg, progress=False)
     points = [json.loads(x) for x in table.read_text().splitlines()]
     points = [p for p in points if p["status"] == "ok"]
@@ -149,7 +150,8 @@ def main() -> None:
     t0 = stage("held-out model")
     ho_cfg = dataclasses.replace(tuned, tunnel=dataclasses.replace(
         tuned.tunnel, scale=dataclasses.replace(
-            tuned.tunnel.scale, workdir=str(work / "held_out"), widths=(HELD_OUT["width"],),
+            tuned.tunnel.scale, workdir=str(work / f"held_out-r{SCALE['decay_ratio']:g}"),
+            widths=(HELD_OUT["width"],),
             decays=(HELD_OUT["fork"],), decay_ratio=SCALE["decay_ratio"])))
     ho = json.loads(run_scale(ho_cfg, progress=False).read_text().splitlines()[0])
     seconds["held_out"] = time.perf_counter() - t0

@@ -549,6 +549,7 @@ def plot_fits(fits, n, d, loss, out_dir, *, held_out=None) -> tuple[Path, Path]:
 
 def _plot_curves(fits, n, d, loss, path: Path, held_out=None) -> None:
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
 
     fig = Figure(figsize=(5.5 * len(fits), 4.2), layout="constrained")
     sizes = np.unique(n)
@@ -567,6 +568,7 @@ def _plot_curves(fits, n, d, loss, path: Path, held_out=None) -> None:
             ax.scatter([hd], [hl], marker="*", s=140, color="k", zorder=5,
                        label="held-out model (measured)")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # labelled minor ticks collide
         ax.set_xlabel("tokens D")
         ax.set_ylabel("loss")
         p = fit.params
