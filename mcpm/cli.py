@@ -189,26 +189,25 @@ def cmd_generate(args) -> int:
 TRAIN_ALIASES = ("workdir", "steps", "decay_from", "decay_steps")
 
 
-def _load_train_config(args):
-    """``args.config`` with the train overrides; errors quote the overrides as typed."""
+def load_with_aliases(path: str, items: list[str], aliases: tuple[str, ...], prefix: str):
+    """The config at ``path`` with ``key=value`` ``items``, where a bare key in ``aliases`` is
+    short for ``PREFIX.key``; errors quote the overrides as typed."""
     from mcpm.config import ConfigError, load_config
-    typed = list(args.overrides)
+    typed = _overrides_and_extras(items)
+    full = [f"{prefix}{x}" if x.split("=", 1)[0] in aliases else x for x in typed]
     try:
-        return load_config(args.config, _train_overrides(typed))
+        return load_config(path, full)
     except ConfigError as e:
         message = str(e)
         for item in typed:
-            if item.split("=", 1)[0] in TRAIN_ALIASES:
-                message = message.replace(f"override train.{item}", f"override {item}")
+            if item.split("=", 1)[0] in aliases:
+                message = message.replace(f"override {prefix}{item}", f"override {item}")
         raise ConfigError(message) from None
 
 
-def _train_overrides(items: list[str]) -> list[str]:
-    out = []
-    for item in _overrides_and_extras(items):
-        key = item.split("=", 1)[0]
-        out.append(f"train.{item}" if key in TRAIN_ALIASES else item)
-    return out
+def _load_train_config(args):
+    """``args.config`` with the train overrides (``steps=`` etc. short for ``train.steps=``)."""
+    return load_with_aliases(args.config, list(args.overrides), TRAIN_ALIASES, "train.")
 
 
 def init_distributed(args) -> None:

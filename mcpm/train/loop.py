@@ -123,7 +123,6 @@ class HeldOut:
             self.batches = [next(it) for _ in range(cfg.train.eval_batches)]
         finally:
             it.close()
-        self.label = ", ".join(s.display_name() for s in sources)
 
     def __bool__(self) -> bool:
         return bool(self.batches)

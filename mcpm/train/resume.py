@@ -65,7 +65,7 @@ def flatten(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def _allowed(key: str, allowed: tuple[str, ...]) -> bool:
+def may_change(key: str, allowed: tuple[str, ...]) -> bool:
     return any(key == a or (a.endswith(".") and key.startswith(a)) for a in allowed)
 
 
@@ -112,7 +112,7 @@ def differences(old: dict, new: dict, allowed: tuple[str, ...] = ()) -> list[tup
     a, b = flatten(old), flatten(new)
     keys = sorted(set(a) | set(b))
     return [(k, a.get(k), b.get(k)) for k in keys
-            if a.get(k) != b.get(k) and not _allowed(k, allowed)]
+            if a.get(k) != b.get(k) and not may_change(k, allowed)]
 
 
 def check_same_run(saved: dict, cfg: Config, run_dir: Path, *, branch_of: Path | None = None

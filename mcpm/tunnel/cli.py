@@ -14,11 +14,15 @@ SECTION_ALIASES = {"scale": ("widths", "decays", "decay_ratio", "workdir"),
 
 def section_overrides(action: str, items: list[str]) -> list[str]:
     """``widths=[64,128]`` -> ``tunnel.scale.widths=[64,128]`` for the command's own keys."""
-    out = []
-    for item in items:
-        key = item.split("=", 1)[0]
-        out.append(f"tunnel.{action}.{item}" if key in SECTION_ALIASES.get(action, ()) else item)
-    return out
+    keys = SECTION_ALIASES.get(action, ())
+    return [f"tunnel.{action}.{x}" if x.split("=", 1)[0] in keys else x for x in items]
+
+
+def load_section_config(action: str, args):
+    """``args.config`` with ``args.overrides``, bare keys going to ``tunnel.ACTION.*``."""
+    from mcpm.cli import load_with_aliases
+    return load_with_aliases(args.config, list(args.overrides), SECTION_ALIASES[action],
+                             f"tunnel.{action}.")
 
 
 def _run(module: str, function: str):
@@ -33,50 +37,36 @@ def register(sub) -> None:
                                       "indicator, scaling-law fits")
     tsub = t.add_subparsers(dest="action", required=True)
 
-    s = tsub.add_parser("search", help="optuna search of lr / init_std / scale_emb / "
-                                       "scale_depth on a muP proxy (resumable)")
-    s.add_argument("config")
-    s.add_argument("overrides", nargs="*", help="key=value; trials=, sampler=, storage=, "
-                                                "parallel=, ... set tunnel.search.*")
-    s.add_argument("--width", type=int, default=None,
-                   help="also write best-widthN.yaml: the best settings at this width (muP "
-                        "carries them over), ready for mcpm train")
-    s.set_defaults(func=_run("search", "search_command"))
+    sweeps = {"search": ("optuna search of lr / init_std / scale_emb / scale_depth on a muP "
+                         "proxy (resumable)", "trials=, sampler=, storage=, parallel=, ..."),
+              "transfer": ("lr sweeps at several widths, muP against standard "
+                           "parametrisation", "widths=, lrs=, steps="),
+              "scale": ("one constant-lr run per width plus branch decays: the (N, D, loss) "
+                        "table that `fit` reads (resumable)", "widths=, decays=, decay_ratio=")}
+    for action, (text, keys) in sweeps.items():
+        p = tsub.add_parser(action, help=text)
+        p.add_argument("config")
+        p.add_argument("overrides", nargs="*", help=f"key=value; {keys} set tunnel.{action}.*")
+        p.set_defaults(func=_run(action, f"{action}_command"))
+        if action == "search":
+            p.add_argument("--width", type=int, default=None,
+                           help="also write best-widthN.yaml: the best settings at this width "
+                                "(muP carries them over), ready for mcpm train")
 
-    tr = tsub.add_parser("transfer", help="lr sweeps at several widths, muP against standard "
-                                          "parametrisation")
-    tr.add_argument("config")
-    tr.add_argument("overrides", nargs="*", help="key=value; widths=, lrs=, steps= set "
-                                                 "tunnel.transfer.*")
-    tr.set_defaults(func=_run("transfer", "transfer_command"))
-
-    sc = tsub.add_parser("scale", help="one constant-lr run per width plus branch decays: the "
-                                       "(N, D, loss) table that `fit` reads (resumable)")
-    sc.add_argument("config")
-    sc.add_argument("overrides", nargs="*", help="key=value; widths=, decays=, decay_ratio= "
-                                                 "set tunnel.scale.*")
-    sc.set_defaults(func=_run("scale", "scale_command"))
-
-    ind = tsub.add_parser("indicator", help="mean loss of reasoning + answer given the question "
-                                            "(ScalingBench-style) of a checkpoint")
-    ind.add_argument("checkpoint")
-    ind.add_argument("data", nargs="?", default="",
-                     help="JSONL of {question, reasoning, answer} rows (default: the set mcpm "
-                          "ships)")
-    ind.add_argument("--batch-size", type=int, default=8)
-    ind.add_argument("--seq-len", type=int, default=512)
-    ind.add_argument("--out", default="", help="also write the result as JSON here")
-    ind.set_defaults(func=_run("indicator", "indicator_command"))
-
-    ds = tsub.add_parser("downstream", help="multiple-choice accuracy of a checkpoint (which of "
-                                            "four lines continues the code)")
-    ds.add_argument("checkpoint")
-    ds.add_argument("data", nargs="?", default="",
-                    help="JSONL of {context, choices, answer} rows (default: the set mcpm ships)")
-    ds.add_argument("--batch-size", type=int, default=8)
-    ds.add_argument("--seq-len", type=int, default=512)
-    ds.add_argument("--out", default="", help="also write the result as JSON here")
-    ds.set_defaults(func=_run("tasks", "downstream_command"))
+    evals = {"indicator": ("mean loss of reasoning + answer given the question "
+                           "(ScalingBench-style) of a checkpoint",
+                           "{question, reasoning, answer}", "indicator"),
+             "downstream": ("multiple-choice accuracy of a checkpoint (which of four lines "
+                            "continues the code)", "{context, choices, answer}", "tasks")}
+    for action, (text, fields, module) in evals.items():
+        p = tsub.add_parser(action, help=text)
+        p.add_argument("checkpoint")
+        p.add_argument("data", nargs="?", default="",
+                       help=f"JSONL of {fields} rows (default: the set mcpm ships)")
+        p.add_argument("--batch-size", type=int, default=8)
+        p.add_argument("--seq-len", type=int, default=512)
+        p.add_argument("--out", default="", help="also write the result as JSON here")
+        p.set_defaults(func=_run(module, f"{action}_command"))
 
     f = tsub.add_parser("fit", help="fit scaling laws to an (N, D, loss) table; constants with "
                                     "intervals, compute-optimal split, plots")

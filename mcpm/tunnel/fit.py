@@ -36,11 +36,11 @@ import dataclasses
 import functools
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 
+from mcpm._files import atomic_write, write_json
 from mcpm.config import UserError
 
 FORMS = ("minicpm", "chinchilla")
@@ -525,16 +525,6 @@ def read_results(path) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
             names)
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def plot_fits(fits, n, d, loss, out_dir, *, held_out=None) -> tuple[Path, Path]:
     """``fit_curves.png`` and ``fit_isoloss.png`` in ``out_dir`` for a list (or dict) of fits
     to the points (n, d, loss); ``held_out`` = (N, D, measured loss) of a point that was not
@@ -574,7 +564,7 @@ def _plot_curves(fits, n, d, loss, path: Path, held_out=None) -> None:
         p = fit.params
         ax.set_title(f"{fit.form}: alpha {p['alpha']:.3f}, beta {p['beta']:.3f}")
         ax.legend(fontsize=7)
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
 
 
 def _plot_isoloss(fits, n, d, path: Path, held_out=None) -> None:
@@ -604,7 +594,7 @@ def _plot_isoloss(fits, n, d, path: Path, held_out=None) -> None:
         ax.set_ylabel("tokens D")
         ax.set_title(f"{fit.form}: iso-loss")
         ax.legend(fontsize=7)
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
 
 
 def fit_command(args) -> int:
@@ -643,8 +633,7 @@ def fit_command(args) -> int:
         entry["compute_optimal"] = optimal
         report["fits"][fit.form] = entry
 
-    _atomic_write(out / "fit.json",
-                  lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n"))
+    write_json(out / "fit.json", report)
     _plot_curves(fits, n, d, loss, out / "fit_curves.png")
     _plot_isoloss(fits, n, d, out / "fit_isoloss.png")
     print(f"wrote {out / 'fit.json'}, {out / 'fit_curves.png'}, {out / 'fit_isoloss.png'}")

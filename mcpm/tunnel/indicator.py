@@ -41,8 +41,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -52,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mcpm._files import write_json
 from mcpm.config import UserError
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -362,21 +361,6 @@ def indicator_loss_of_checkpoint(path: str | Path, data_path: str | Path = "",
     return out
 
 
-def write_json_atomic(path: str | Path, data: dict) -> None:
-    """Write ``data`` as JSON through a temporary file renamed into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _fmt(x: float | None) -> str:
     return "-" if x is None or not math.isfinite(x) else f"{x:.4f}"
 
@@ -390,6 +374,6 @@ def indicator_command(args) -> int:
           f"{out['tokens_reasoning']}, answer {_fmt(out['loss_answer'])} over "
           f"{out['tokens_answer']}; {out['truncated_rows']} questions cut to fit)")
     if args.out:
-        write_json_atomic(args.out, out)
+        write_json(args.out, out)
         print(f"wrote {args.out}")
     return 0

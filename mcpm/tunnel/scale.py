@@ -16,9 +16,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from pathlib import Path
 
+from mcpm._files import write_jsonl
 from mcpm.config import Config, UserError
 from mcpm.tunnel.proxy import at_width, non_embedding_params
 
@@ -27,12 +27,6 @@ TABLE = "scaling.jsonl"
 
 class ScaleError(UserError):
     """A scaling sweep cannot go on as asked (the message says why and what to do)."""
-
-
-def _atomic_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
 
 
 def branch_steps(fork: int, ratio: float) -> int:
@@ -110,7 +104,7 @@ def run_scale(cfg: Config, *, progress: bool = True, say=print) -> Path:
                     raise ScaleError("the branch measured no held-out loss: the sweep needs "
                                      "data.eval_sources (held-out text)")
             rows[key] = row
-            _atomic_jsonl(table, [rows[k] for k in sorted(rows)])
+            write_jsonl(table, [rows[k] for k in sorted(rows)])
             loss = "n/a" if row["loss"] is None else f"{row['loss']:.4f}"
             say(f"mcpm tunnel scale: [{done}/{total}] width {width} (N={n:,}), "
                 f"D={row['n_tokens']:,} tokens: held-out loss {loss}")
@@ -139,12 +133,9 @@ def _train_main_to(main: Config, fork: int, train, progress: bool) -> None:
 
 
 def scale_command(args) -> int:
-    from mcpm.cli import _overrides_and_extras
-    from mcpm.config import load_config
-    from mcpm.tunnel.cli import section_overrides
+    from mcpm.tunnel.cli import load_section_config
 
-    cfg = load_config(args.config, section_overrides("scale", _overrides_and_extras(
-        args.overrides)))
+    cfg = load_section_config("scale", args)
     table = run_scale(cfg)
     print(f"mcpm tunnel scale: the table is {table}; fit it with: mcpm tunnel fit {table}")
     return 0

@@ -49,7 +49,7 @@ Several workers
     trial at the same moment leave one extra. A worker with nothing left to start waits for the
     trials still running elsewhere (one may need a retry), then ends.
 
-Outputs (WORKDIR, rewritten atomically after every finished trial)
+Outputs (WORKDIR, rewritten whole after every finished trial by :mod:`.search_outputs`)
     ``results.jsonl`` (a row per trial of the study: number, state, value, settings, metrics,
     error, duration), ``best.yaml`` (the config with the best trial's settings, ready for
     ``mcpm train``; :func:`write_best_yaml` also writes it at another width under muP),
@@ -75,15 +75,14 @@ import uuid
 import warnings
 from pathlib import Path
 
-from mcpm.config import Config, TunnelConfig, UserError, save_yaml, to_dict
+from mcpm.config import Config, TunnelConfig, UserError, to_dict
+from mcpm.train.resume import RESUMABLE, flatten, may_change
 from mcpm.tunnel.proxy import at_width, hparams_of, with_hparams
+from mcpm.tunnel.search_outputs import (BEST, TABLE, _best, _groups, _Reporter, _root,  # noqa: F401
+                                        format_table, write_best_yaml, write_plots)
 from mcpm.tunnel.trial import TrialDiverged
 
-TABLE = "results.jsonl"
-BEST = "best.yaml"
-PLOTS = ("search_objective.png", "search_history.png")
 MAX_RETRIES = 2
-PLOT_EVERY_S = 30.0
 HOST = socket.gethostname()
 # where each searchable setting lives in the config (for the comparison of setups)
 SETTING_KEYS = {"peak_lr": "train.schedule.peak_lr", "init_std": "model.initializer_range",
@@ -163,12 +162,11 @@ def _setup(cfg: Config) -> dict:
     sc = cfg.tunnel.search
     base = dataclasses.replace(cfg, tunnel=TunnelConfig(),
                                train=dataclasses.replace(cfg.train, workdir=""))
-    from mcpm.train.resume import RESUMABLE, _allowed
-    flat = _flatten(json.loads(json.dumps(to_dict(base))))
+    flat = flatten(json.loads(json.dumps(to_dict(base))))
     for name in sc.params:
         flat.pop(SETTING_KEYS[name], None)
     # what a run may change on resume (logging, the mesh, data threads) changes no value
-    flat = {k: v for k, v in flat.items() if not _allowed(k, RESUMABLE)}
+    flat = {k: v for k, v in flat.items() if not may_change(k, RESUMABLE)}
     space = (grid_space(sc) if sc.sampler == "grid" else
              {n: list(sc.batch_sizes) if n == "batch_size" else list(getattr(sc, n))
               for n in sc.params})
@@ -176,16 +174,6 @@ def _setup(cfg: Config) -> dict:
         "sampler": sc.sampler, "space": space, "steps": sc.steps,
         "decay_steps": sc.decay_steps, "objective": sc.objective,
         "indicator_data": sc.indicator_data, "config": flat}))
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 # -- storage and study --------------------------------------------------------------------------
@@ -262,7 +250,7 @@ def _load_study(cfg: Config, storage, url: str, sampler):
                             "use another study= name")
         study.set_user_attr("mcpm_setup", setup)
     elif saved != setup:
-        a, b = _flatten(saved), _flatten(setup)
+        a, b = flatten(saved), flatten(setup)
         diff = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
                 if a.get(k) != b.get(k)]
         more = f" and {len(diff) - 4} more" if len(diff) > 4 else ""
@@ -273,18 +261,6 @@ def _load_study(cfg: Config, storage, url: str, sampler):
 
 
 # -- trials: counting, retrying, running --------------------------------------------------------
-
-def _root(trial) -> int:
-    return trial.user_attrs.get("retry_of", trial.number)
-
-
-def _groups(trials) -> dict:
-    """The search's trials: a trial and its retries count once, as the latest attempt."""
-    groups = {}
-    for t in sorted(trials, key=lambda t: t.number):
-        groups[_root(t)] = t
-    return groups
-
 
 def _retry(study, trial) -> None:
     """Enqueue ``trial``'s settings again (its worker ended while it ran)."""
@@ -549,197 +525,6 @@ def _run_workers(cfg: Config, url: str, limit: int, trial_fn, study, reporter, *
     return [p.exitcode for p in procs]
 
 
-# -- outputs ------------------------------------------------------------------------------------
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def _complete(trials) -> list:
-    from optuna.trial import TrialState
-    return [t for t in trials if t.state == TrialState.COMPLETE]
-
-
-def _best(trials):
-    done = _complete(trials)
-    return min(done, key=lambda t: (t.value, t.number)) if done else None
-
-
-def _row(t) -> dict:
-    from optuna.trial import TrialState
-    error = t.user_attrs.get("error")
-    if t.state == TrialState.FAIL and error is None:
-        error = "its worker stopped (no heartbeat for the grace period)"
-    row = {"number": t.number, "state": t.state.name,
-           "value": t.value if t.state == TrialState.COMPLETE else None}
-    row.update(t.user_attrs.get("settings") or dict(t.params))
-    row.update(t.user_attrs.get("metrics") or {})
-    row.update(error=error, duration_s=t.user_attrs.get("duration_s"),
-               retry_of=t.user_attrs.get("retry_of"),
-               start=t.datetime_start.isoformat() if t.datetime_start else None)
-    return row
-
-
-def write_best_yaml(study, cfg: Config, path: str | Path, target_width: int | None = None
-                    ) -> Path | None:
-    """The config with the best trial's settings (at ``target_width`` under muP when given), as
-    YAML for ``mcpm train``; None when no trial has completed."""
-    trials = study.get_trials(deepcopy=False) if hasattr(study, "get_trials") else list(study)
-    best = _best(trials)
-    if best is None:
-        return None
-    out = with_hparams(cfg, **best.params)
-    if target_width:
-        out = at_width(out, target_width, "mup")
-    path = Path(path)
-    _atomic(path, lambda tmp: save_yaml(out, tmp))
-    return path
-
-
-def write_plots(trials, params, objective: str, workdir: Path) -> list[Path]:
-    """``search_objective.png`` and ``search_history.png`` (failed trials: red crosses above
-    the highest value)."""
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import NullFormatter
-    from optuna.trial import TrialState
-    done = _complete(trials)
-    failed = [t for t in trials if t.state == TrialState.FAIL]
-    best = _best(trials)
-    paths = [workdir / name for name in PLOTS]
-    values = [t.value for t in done]
-    # failed trials have no value: a row of crosses above the highest one
-    top = max(values) + 0.08 * ((max(values) - min(values)) or abs(max(values)) or 1.0) \
-        if values else 1.0
-
-    fig = Figure(figsize=(3.6 * len(params), 3.4), layout="constrained")
-    axes = fig.subplots(1, len(params), squeeze=False)[0]
-    for ax, name in zip(axes, params):
-        if done:
-            ax.scatter([t.params[name] for t in done], [t.value for t in done],
-                       c=[t.number for t in done], cmap="viridis", s=18, label="trial")
-        xs = [t.params[name] for t in failed if name in t.params]
-        if xs:
-            ax.scatter(xs, [top] * len(xs), marker="x", color="red", label="failed")
-        if best is not None:
-            ax.scatter([best.params[name]], [best.value], marker="*", s=150, color="orange",
-                       edgecolors="black", label="best", zorder=3)
-        if name in ("peak_lr", "batch_size"):
-            ax.set_xscale("log", base=10 if name == "peak_lr" else 2)
-            ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_xlabel(name)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel(objective)
-    axes[0].legend(fontsize=7)
-    fig.suptitle(f"{len(done)} complete, {len(failed)} failed", fontsize=9)
-    _atomic(paths[0], lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-
-    fig = Figure(figsize=(6, 3.4), layout="constrained")
-    ax = fig.subplots()
-    if done:
-        ax.scatter([t.number for t in done], [t.value for t in done], s=18, label=objective)
-        running, best_so_far = [], math.inf
-        for t in done:
-            best_so_far = min(best_so_far, t.value)
-            running.append(best_so_far)
-        ax.step([t.number for t in done], running, where="post", color="orange",
-                label="best so far")
-    if failed:
-        ax.scatter([t.number for t in failed], [top] * len(failed), marker="x", color="red",
-                   label="failed")
-    ax.set_xlabel("trial")
-    ax.set_ylabel(objective)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    _atomic(paths[1], lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    return paths
-
-
-def format_table(trials, params, n: int = 5) -> str:
-    """The ``n`` best complete trials as a text table."""
-    done = sorted(_complete(trials), key=lambda t: (t.value, t.number))[:n]
-    metrics = ("eval_loss", "train_loss", "indicator_loss")
-    shown = [m for m in metrics if any(t.user_attrs.get("metrics", {}).get(m) is not None
-                                       for t in done)]
-    head = ["trial", "objective", *params, *shown]
-    rows = [[str(t.number), f"{t.value:.4f}", *(f"{t.params[p]:.4g}" for p in params),
-             *(f"{t.user_attrs['metrics'][m]:.4f}" if t.user_attrs.get("metrics", {}).get(m)
-               is not None else "-" for m in shown)] for t in done]
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in [head, *rows])
-
-
-class _Reporter:
-    """One line per finished trial, the progress bar, and the outputs."""
-
-    def __init__(self, cfg: Config, limit: int, progress: bool, target_width: int | None):
-        self.cfg, self.limit, self.progress = cfg, limit, progress
-        self.target_width = target_width
-        self.workdir = Path(cfg.tunnel.search.workdir)
-        self.seen: set[int] = set()
-        self.bar = None
-        self.plotted = 0.0
-        self.plots: list[Path] = []
-
-    def say(self, line: str) -> None:
-        if self.bar is not None:
-            self.bar.write(line, file=sys.stdout)
-        else:
-            print(line, flush=True)
-
-    def start(self, study) -> None:
-        from tqdm.auto import tqdm
-        trials = study.get_trials(deepcopy=False)
-        self.seen = {t.number for t in trials if t.state.is_finished()}
-        self.bar = tqdm(total=self.limit, initial=self._done(trials), desc="search",
-                        unit="trial", disable=not self.progress, dynamic_ncols=True)
-
-    def _done(self, trials) -> int:
-        return sum(t.state.is_finished() for t in _groups(trials).values())
-
-    def _line(self, t) -> str:
-        from optuna.trial import TrialState
-        settings = " ".join(f"{p}={t.params[p]:.4g}" for p in self.cfg.tunnel.search.params
-                            if p in t.params)
-        retry = f" (retry of {t.user_attrs['retry_of']})" if "retry_of" in t.user_attrs else ""
-        took = t.user_attrs.get("duration_s")
-        took = f" ({took:.0f} s)" if took is not None else ""
-        if t.state == TrialState.COMPLETE:
-            return f"trial {t.number}{retry}: {t.value:.4f}  {settings}{took}"
-        return f"trial {t.number}{retry}: {t.state.name} {_row(t)['error']}  {settings}{took}"
-
-    def update(self, study, final: bool = False) -> None:
-        trials = study.get_trials(deepcopy=False)
-        new = [t for t in trials if t.state.is_finished() and t.number not in self.seen]
-        for t in new:
-            self.seen.add(t.number)
-            self.say(self._line(t))
-        if self.bar is not None:
-            self.bar.n = min(self._done(trials), self.limit)
-            self.bar.refresh()
-        if new or final:
-            self.write(study, trials,
-                       plots=final or time.monotonic() - self.plotted >= PLOT_EVERY_S)
-
-    def write(self, study, trials, plots: bool) -> None:
-        sc = self.cfg.tunnel.search
-        table = self.workdir / TABLE
-        _atomic(table, lambda tmp: tmp.write_text(
-            "".join(json.dumps(_row(t)) + "\n" for t in trials)))
-        write_best_yaml(trials, self.cfg, self.workdir / BEST)
-        if self.target_width:
-            write_best_yaml(trials, self.cfg, self.workdir / f"best-width{self.target_width}.yaml",
-                            self.target_width)
-        if plots and trials:
-            self.plots = write_plots(trials, list(sc.params), sc.objective, self.workdir)
-            self.plotted = time.monotonic()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 # -- the API and the command --------------------------------------------------------------------
 
 def run_search(cfg: Config, *, progress: bool = True, trial_fn=None,
@@ -816,18 +601,8 @@ def run_search(cfg: Config, *, progress: bool = True, trial_fn=None,
 
 
 def search_command(args) -> int:
-    from mcpm.cli import _overrides_and_extras
-    from mcpm.config import ConfigError, load_config
-    from mcpm.tunnel.cli import SECTION_ALIASES, section_overrides
+    from mcpm.tunnel.cli import load_section_config
 
-    typed = list(args.overrides)
-    try:
-        cfg = load_config(args.config, section_overrides("search", _overrides_and_extras(typed)))
-    except ConfigError as e:  # quote the overrides as typed
-        message = str(e)
-        for item in typed:
-            if item.split("=", 1)[0] in SECTION_ALIASES["search"]:
-                message = message.replace(f"override tunnel.search.{item}", f"override {item}")
-        raise ConfigError(message) from None
+    cfg = load_section_config("search", args)
     result = run_search(cfg, target_width=getattr(args, "width", None))
     return 0 if result.best_params is not None else 1

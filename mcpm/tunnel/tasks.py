@@ -57,9 +57,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from mcpm._files import write_json
 from mcpm.tunnel.indicator import (DATA_DIR, IndicatorError, TextEncoder, _check_sizes, _fmt,
                                    check_rows, encode_row, load_model_and_tokenizer, read_jsonl,
-                                   score_rows, write_json_atomic)
+                                   score_rows)
 
 DOWNSTREAM_DATA = DATA_DIR / "downstream.jsonl"
 INDICATOR_FILE, DOWNSTREAM_FILE = "indicator.jsonl", "downstream.jsonl"
@@ -314,7 +315,7 @@ def downstream_command(args) -> int:
           f"{_fmt(out['accuracy_total'])}, by its per-token mean "
           f"{_fmt(out['accuracy_per_token'])})")
     if args.out:
-        write_json_atomic(args.out, out)
+        write_json(args.out, out)
         print(f"wrote {args.out}")
     return 0
 

@@ -11,11 +11,10 @@ never trained again.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 from pathlib import Path
 
+from mcpm._files import atomic_write, write_jsonl
 from mcpm.config import Config
 from mcpm.tunnel.proxy import at_width, with_hparams
 
@@ -53,7 +52,7 @@ def run_transfer(cfg: Config, *, progress: bool = False, say=print) -> tuple[Pat
             row.update({k: v for k, v in trained[same].items() if k not in row}, same_as=
                        trained[same]["parametrization"])
             rows.append(row)
-            _write_rows(workdir / TABLE, rows)
+            write_jsonl(workdir / TABLE, rows)
             continue
         try:
             out = train(c, progress=False)
@@ -64,7 +63,7 @@ def run_transfer(cfg: Config, *, progress: bool = False, say=print) -> tuple[Pat
             row.update(loss=None, status="diverged", error=str(e).splitlines()[0])
         rows.append(row)
         trained[same] = row
-        _write_rows(workdir / TABLE, rows)
+        write_jsonl(workdir / TABLE, rows)
         bar.set_postfix(p=p, w=w, lr=f"{lr:g}",
                         loss="diverged" if row["loss"] is None else f"{row['loss']:.3f}")
     bar.close()
@@ -74,12 +73,6 @@ def run_transfer(cfg: Config, *, progress: bool = False, say=print) -> tuple[Pat
         say(f"mcpm tunnel transfer: {p}: best lr per width " +
             ", ".join(f"{w}: {lr:g}" if lr else f"{w}: n/a" for w, lr in best.items()))
     return workdir / TABLE, png
-
-
-def _write_rows(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
 
 
 def best_lr(rows: list[dict], parametrization: str, width: int) -> float | None:
@@ -122,20 +115,15 @@ def plot_transfer(rows: list[dict], out_png: Path) -> Path:
     axes[0][0].set_ylabel("held-out loss (nats/token)")
     fig.suptitle("lr transfer across width (stars: each width's best lr)")
     fig.tight_layout()
-    tmp = out_png.with_name(f".{out_png.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    atomic_write(out_png, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
-    os.replace(tmp, out_png)
     return out_png
 
 
 def transfer_command(args) -> int:
-    from mcpm.cli import _overrides_and_extras
-    from mcpm.config import load_config
-    from mcpm.tunnel.cli import section_overrides
+    from mcpm.tunnel.cli import load_section_config
 
-    cfg = load_config(args.config, section_overrides("transfer", _overrides_and_extras(
-        args.overrides)))
+    cfg = load_section_config("transfer", args)
     table, png = run_transfer(cfg, progress=True)
     print(f"mcpm tunnel transfer: {table}; plot {png}")
     return 0
