@@ -304,3 +304,34 @@ def test_pack_rejects_non_ternary_values():
             quant.pack(q, "tq1")
     # float values that are exactly ternary are fine
     assert quant.pack(np.array([-1.0, 0.0, 1.0, 1.0]), "tq2").tolist() == [164]
+
+
+# ------------------------------------------------------------------------------------------
+# row-planar matrix layout (packed checkpoints, ternary matmuls)
+@pytest.mark.parametrize("fmt,per", [("tq2", 4), ("tq1", 5)])
+@pytest.mark.parametrize("k", [1, 9, 20, 23])
+def test_pack_rows_matches_loop_definition_and_round_trips(fmt, per, k):
+    rng = np.random.default_rng(k)
+    q = rng.integers(-1, 2, size=(2, k, 3)).astype(np.int8)
+    packed = quant.pack_rows(q, fmt)
+    r = -(-k // per)
+    assert packed.shape == (2, r, 3) and packed.dtype == np.uint8
+    for lead in range(2):
+        for row in range(r):
+            for col in range(3):
+                codes = [int(q[lead, j * r + row, col]) + 1 if j * r + row < k else 1
+                         for j in range(per)]
+                want = (sum(c << (2 * j) for j, c in enumerate(codes)) if fmt == "tq2"
+                        else sum(c * 3 ** j for j, c in enumerate(codes)))
+                assert packed[lead, row, col] == want
+    out = jax.jit(lambda p: quant.unpack_rows(p, k, fmt, jnp.bfloat16))(packed)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(out, np.float32), q)
+
+
+def test_check_rows_rejects_bytes_no_ternary_packs_to():
+    quant.check_rows(quant.pack_rows(np.ones((8, 2), np.int8), "tq2"), "tq2")
+    with pytest.raises(quant.QuantError, match=r"corrupt tq2 .*byte \(0, 1\)"):
+        quant.check_rows(np.array([[0, 0b11000000]], np.uint8), "tq2")
+    with pytest.raises(quant.QuantError, match="corrupt tq1"):
+        quant.check_rows(np.array([[243]], np.uint8), "tq1")

@@ -116,3 +116,79 @@ def unpack(blob, shape, fmt: str = "tq2") -> np.ndarray:
         codes = (b[:, None] // _POW3) % 3
     q = codes.reshape(-1)[:n].astype(np.int8) - 1
     return q.reshape(shape)
+
+
+# --------------------------------------------------------------------------------------------
+# Row-planar layout of matrices: what packed checkpoints store and the matmuls unpack.
+# --------------------------------------------------------------------------------------------
+# A weight ``[..., K, N]`` (K the input axis) is packed into ``[..., R, N]`` bytes with
+# ``R = ceil(K / per)``: byte ``[r, n]`` holds rows ``r, R + r, 2R + r, ...`` of column n, as
+# code/trit ``j`` for row ``j*R + r`` (the same bit and trit order as :func:`pack`); rows >= K
+# are padding (q = 0). Unpacking is then ``per`` shifts (or divisions) of the whole byte matrix
+# and one concatenation along K: no interleaving, so a kernel that holds R' byte rows of a tile
+# multiplies them against ``per`` contiguous column blocks of its input.
+
+def packed_rows(k: int, fmt: str) -> int:
+    """R: byte rows of a K-row matrix in the row-planar layout."""
+    return -(-int(k) // _check_fmt(fmt))
+
+
+def pack_rows(q, fmt: str = "tq2") -> np.ndarray:
+    """Ternary ``q [..., K, N]`` (values in {-1, 0, 1}) -> uint8 ``[..., ceil(K/per), N]`` in the
+    row-planar layout (see above)."""
+    per = _check_fmt(fmt)
+    a = np.asarray(q)
+    if a.ndim < 2:
+        raise QuantError(f"pack_rows expects a matrix [..., K, N], got shape {a.shape}")
+    ok = (a == -1) | (a == 0) | (a == 1)
+    if not np.all(ok):
+        raise QuantError(f"pack_rows expects values in {{-1, 0, 1}}; found {int((~ok).sum())} "
+                         "other value(s) (ternarize the weight first)")
+    k = a.shape[-2]
+    r = -(-k // per)
+    codes = np.ones(a.shape[:-2] + (per * r, a.shape[-1]), np.uint8)
+    codes[..., :k, :] = (a.astype(np.int8) + 1).astype(np.uint8)
+    planes = codes.reshape(a.shape[:-2] + (per, r, a.shape[-1]))
+    if fmt == "tq2":
+        out = np.zeros(planes.shape[:-3] + planes.shape[-2:], np.uint8)
+        for j in range(per):
+            out |= planes[..., j, :, :] << np.uint8(2 * j)
+    else:
+        out = np.zeros(planes.shape[:-3] + planes.shape[-2:], np.uint16)
+        for j in range(per):
+            out += planes[..., j, :, :].astype(np.uint16) * int(_POW3[j])
+    return out.astype(np.uint8)
+
+
+def check_rows(packed, fmt: str, what: str = "packed weight") -> None:
+    """Refuse bytes that no ternary matrix packs to (tq2 code 3, tq1 byte > 242)."""
+    _check_fmt(fmt)
+    b = np.asarray(packed)
+    if b.dtype != np.uint8:
+        raise QuantError(f"{what}: expected uint8 bytes, got {b.dtype}")
+    if fmt == "tq2":
+        bad = np.zeros(b.shape, bool)
+        for j in range(4):
+            bad |= ((b >> np.uint8(2 * j)) & 3) == 3
+    else:
+        bad = b > 242
+    if bad.any():
+        idx = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise QuantError(f"corrupt {fmt} {what}: byte {idx} (value {int(b[idx])}) is not a "
+                         "packed ternary value")
+
+
+def unpack_rows(packed, k: int, fmt: str = "tq2", dtype=None):
+    """Inverse of :func:`pack_rows` in jax.numpy (traceable: unpacks inside a jitted step):
+    uint8 ``[..., R, N]`` -> ``[..., K, N]`` with values -1, 0, 1 in ``dtype`` (default int8).
+    Bytes are not validated here (:func:`check_rows` does that when a file is read)."""
+    import jax.numpy as jnp
+
+    per = _check_fmt(fmt)
+    p = jnp.asarray(packed)
+    if fmt == "tq2":
+        planes = [((p >> (2 * j)) & 3) for j in range(per)]
+    else:
+        planes = [((p // int(_POW3[j])) % 3) for j in range(per)]
+    q = jnp.concatenate(planes, axis=-2)[..., :k, :]
+    return (q.astype(jnp.int8) - 1).astype(dtype or jnp.int8)
