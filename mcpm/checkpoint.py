@@ -56,11 +56,14 @@ def _save_params(path: Path, params: dict[str, np.ndarray]) -> None:
 
 def save_checkpoint(out_dir: str | Path, cfg: ModelConfig, params: dict[str, np.ndarray], *,
                     hf_config_template: dict | None = None, aux_dir: str | Path | None = None,
-                    overwrite: bool = False) -> Path:
+                    overwrite: bool = False, extra_files: dict[str, str] | None = None) -> Path:
     """Write a complete mcpm checkpoint directory atomically (refuses an existing one unless
-    ``overwrite``)."""
+    ``overwrite``). ``extra_files``: {file name: text} written beside model.yaml (e.g. a
+    ternary model's quant.json)."""
     check_params(params, cfg)
     with atomic_output_dir(out_dir, overwrite) as tmp:
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         (tmp / MODEL_YAML).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         if hf_config_template is not None:
             (tmp / HF_TEMPLATE).write_text(json.dumps(hf_config_template, indent=2) + "\n")

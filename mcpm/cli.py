@@ -186,7 +186,7 @@ def cmd_generate(args) -> int:
 # -- train / aot --------------------------------------------------------------------------------
 
 # bare keys accepted by `mcpm train` / `mcpm aot` for the train section's most used fields
-TRAIN_ALIASES = ("workdir", "steps", "decay_from", "decay_steps")
+TRAIN_ALIASES = ("workdir", "steps", "decay_from", "decay_steps", "init_from")
 
 
 def load_with_aliases(path: str, items: list[str], aliases: tuple[str, ...], prefix: str):

@@ -566,6 +566,11 @@ class TrainConfig:
     every that many steps; it is also measured at the end of every run and branch decay (0:
     only there). ``eval_batches`` global batches are evaluated each time, the same ones every
     time (the held-out sources read in order, unshuffled).
+
+    ``init_from``: an mcpm checkpoint or an official Hugging Face directory whose weights
+    start a fresh run (its optimizer state and schedule start afresh, warm-up included); the
+    model config must describe the same architecture. Resumes continue from the run's own
+    checkpoints and ignore it.
     """
 
     workdir: str = "runs/train"
@@ -583,6 +588,7 @@ class TrainConfig:
     decay_steps: int = 0
     eval_every: int = 0
     eval_batches: int = 8
+    init_from: str = ""
     schedule: ScheduleConfig = ScheduleConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
 
@@ -724,6 +730,57 @@ class TunnelConfig:
     scale: ScaleConfig = ScaleConfig()
 
 
+QuantMethod = Literal["none", "ternary"]
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    """Quantization-aware training (``mcpm train``): which weights the forward pass quantizes.
+
+    ``method: ternary`` (BitCPM4) replaces the hidden matrices q, k, v, o, gate, up and down
+    by absmean ternary weights ``clip(round(W / s), -1, 1) * s`` in every forward pass, with a
+    straight-through gradient to the float weights W that the optimizer keeps
+    (:mod:`mcpm.quant.qat`). ``group_size`` 0: one scale ``s = mean|W|`` per matrix (per
+    layer); g > 0: one per g consecutive input rows and output column. ``embeddings`` and
+    ``head`` quantize the embedding table and the untied lm_head too (both stay float by
+    default, as in BitCPM4).
+
+    ``distill_weight`` > 0 adds ``weight * KL(teacher || student)`` per target token to the
+    loss, the teacher being the float model of ``train.init_from`` (temperature
+    ``distill_temperature``); it needs ``train.init_from`` and the whole-sequence loss
+    (``train.loss_chunk`` 0).
+    """
+
+    method: QuantMethod = "none"
+    group_size: int = 0
+    embeddings: bool = False
+    head: bool = False
+    distill_weight: float = 0.0
+    distill_temperature: float = 1.0
+
+    def __post_init__(self):
+        choices = typing.get_args(QuantMethod)
+        if self.method not in choices:
+            raise ConfigError(f"quant.method: {self.method!r} is not one of {list(choices)}"
+                              + _suggest(str(self.method), choices))
+        if self.group_size < 0:
+            raise ConfigError(f"quant.group_size must be >= 0 (0: one scale per matrix), got "
+                              f"{self.group_size}")
+        if self.distill_weight < 0:
+            raise ConfigError(f"quant.distill_weight must be >= 0, got {self.distill_weight}")
+        if not self.distill_temperature > 0:
+            raise ConfigError(f"quant.distill_temperature must be positive, got "
+                              f"{self.distill_temperature}")
+        if self.method == "none" and (self.distill_weight or self.embeddings or self.head
+                                      or self.group_size):
+            raise ConfigError("quant.group_size / embeddings / head / distill_weight need "
+                              "quant.method=ternary")
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none"
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """The root of a YAML file in ``configs/``."""
@@ -734,7 +791,34 @@ class Config:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     tunnel: TunnelConfig = dataclasses.field(default_factory=TunnelConfig)
+    quant: QuantConfig = dataclasses.field(default_factory=QuantConfig)
     seed: int = 0
+
+    def __post_init__(self):
+        q, t = self.quant, self.train
+        if q.distill_weight and not t.init_from:
+            raise ConfigError("quant.distill_weight > 0 distils from the float model of "
+                              "train.init_from: set train.init_from=CHECKPOINT")
+        if q.distill_weight and t.loss_chunk:
+            raise ConfigError("quant.distill_weight > 0 needs the whole-sequence logits: set "
+                              "train.loss_chunk=0")
+        if q.group_size:
+            _check_group_divides(q.group_size, self.model, q)
+
+
+def _check_group_divides(g: int, model: ModelConfig, q: QuantConfig) -> None:
+    """Every quantized matrix's input dimension must be a multiple of quant.group_size."""
+    inputs = {"hidden_size (q, k, v, gate, up)": model.hidden_size,
+              "num_attention_heads * head_dim (o)": model.num_attention_heads * model.head_dim,
+              "intermediate_size (down)": model.intermediate_size}
+    if q.embeddings or q.head:
+        inputs["hidden_size (embeddings / head)"] = model.hidden_size
+    bad = [f"{name} = {n}" for name, n in inputs.items() if n % g]
+    if bad:
+        common = math.gcd(*inputs.values())
+        raise ConfigError(f"quant.group_size={g} does not divide the input dimension of "
+                          f"{', '.join(bad)}: use a divisor of {common} (or 0 for one scale "
+                          "per matrix)")
 
 
 # --------------------------------------------------------------------------------------------
