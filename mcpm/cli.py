@@ -415,6 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from mcpm.tunnel.cli import register
     register(sub)
+    from mcpm.quant.cli import register as register_quant
+    register_quant(sub)
     return p
 
 
