@@ -38,6 +38,7 @@ setup(
         "optuna>=4.2,<6",  # mcpm tunnel search (RDB storage: SQLite by default)
         "scipy>=1.11,<2",  # scaling-law and sigmoid fits
         "threadpoolctl>=3.1,<4",  # one BLAS thread for scipy's tiny fits (else 10x slower)
+        "gguf>=0.19,<0.20",  # mcpm quant gguf: llama.cpp's file format (TQ1_0/TQ2_0 ternary types)
     ],
     extras_require={
         # libtpu gives the TPU topology descriptions the Pallas kernels are AOT-compiled against in
@@ -48,6 +49,8 @@ setup(
         "gpu": ["jax[cuda12]>=0.10.2,<0.13"],
         # experiments/bench_official_cpu.py: the official PyTorch modeling code's stack
         "official": ["torch>=2.4,<2.15", "transformers>=4.48,<4.49"],
+        # experiments/llamacpp_check.py: llama.cpp loads mcpm's GGUF exports
+        "llamacpp": ["llama-cpp-python>=0.3.36,<0.4"],
     },
     entry_points={"console_scripts": ["mcpm=mcpm.cli:main"]},
 )
