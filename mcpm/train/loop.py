@@ -232,6 +232,11 @@ def train(cfg: Config, *, data=None, eval_data=None, progress: bool = True, rein
                 changes.append("the branch decays on other data: its data pipeline starts "
                                "afresh")
             note = f"branch decay from step {start} of {branch_from}"
+        init_params = None
+        if state is None and t.init_from:   # read (and checked) before anything is written
+            from mcpm.train.init_from import load_init_params
+            init_params = load_init_params(cfg)
+            note = f"fresh optimizer and schedule on the weights of {t.init_from}"
         if data_state is not None:  # before any write: an unusable data state refuses here
             try:
                 source.set_state(data_state)
@@ -259,7 +264,8 @@ def train(cfg: Config, *, data=None, eval_data=None, progress: bool = True, rein
             warnings.warn(line, stacklevel=2)
     ckpts = RunCheckpoints(run_dir, t.keep_last, t.keep_every)
     if state is None:
-        state = program.init()
+        state = program.init() if init_params is None else program.init_from(init_params)
+        del init_params
     step_fn = program.step
 
     peak = t.peak_flops_per_device or measure_peak_flops()
@@ -349,9 +355,14 @@ def train(cfg: Config, *, data=None, eval_data=None, progress: bool = True, rein
         # the trained model as an mcpm checkpoint (tokenizer included): mcpm generate, convert
         from mcpm.checkpoint import save_checkpoint
         tok = getattr(source, "tokenizer_path", None)
+        params, extra = jax.device_get(state["params"]), {}
+        if cfg.quant.enabled:   # the ternary model itself, and what its ternary tensors are
+            from mcpm.quant.qat import QUANT_FILE, quant_info, ternarize_params
+            params = ternarize_params(params, cfg.quant, model_cfg)
+            extra[QUANT_FILE] = json.dumps(quant_info(cfg.quant, model_cfg), indent=1) + "\n"
         model_dir = str(save_checkpoint(
-            run_dir / "model", model_cfg, jax.device_get(state["params"]),
-            aux_dir=Path(tok).parent if tok else None, overwrite=True))
+            run_dir / "model", model_cfg, params,
+            aux_dir=Path(tok).parent if tok else None, overwrite=True, extra_files=extra))
     plot = None
     if is_main and (run_dir / "metrics.jsonl").exists():
         plot = str(plot_metrics(run_dir / "metrics.jsonl", run_dir / "loss.png",

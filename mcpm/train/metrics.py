@@ -57,7 +57,8 @@ class MetricsWriter:
         if self._tb is not None:
             for key, value in row.items():
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    tag = f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
+                    tag = (f"eval/{key[5:]}" if key.startswith("eval_") else
+                           f"quant/{key[6:]}" if key.startswith("quant_") else f"train/{key}")
                     self._tb.add_scalar(tag, value, row["step"])
             self._tb.flush()
 

@@ -47,6 +47,7 @@ class TrainProgram:
     batch_sharding: NamedSharding
     abstract_state: object           # ShapeDtypeStructs carrying the target shardings
     init: Callable[[], dict]         # jitted: the freshly initialised, sharded state
+    init_from: Callable[[dict], dict]  # jitted: a fresh state (new optimizer) from given params
     step: Callable                   # jitted, state donated: (state, batch) -> (state, metrics)
     eval_step: Callable              # jitted: (params, batch) -> {"nll", "tokens"} sums
 
@@ -58,10 +59,15 @@ class TrainProgram:
                 for k in BATCH_KEYS}
 
 
+def _keeps_teacher(cfg: Config) -> bool:
+    return cfg.quant.enabled and cfg.quant.distill_weight > 0
+
+
 def _init_fn(cfg: Config, tx):
     def init():
         model = MiniCPM4(cfg.model, rngs=nnx.Rngs(cfg.seed))
-        return init_state(nnx.to_pure_dict(nnx.state(model, nnx.Param)), tx)
+        return init_state(nnx.to_pure_dict(nnx.state(model, nnx.Param)), tx,
+                          teacher=_keeps_teacher(cfg))
     return init
 
 
@@ -84,15 +90,19 @@ def build_train_program(cfg: Config, mesh: Mesh | None = None, *,
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, st_sh)
     step = jax.jit(
         make_train_step(model_cfg, tx, schedule, z_loss=t.z_loss, accum_steps=t.accum_steps,
-                        loss_chunk=t.loss_chunk,
+                        loss_chunk=t.loss_chunk, quant=cfg.quant,
                         activation_rules=lambda: activation_rules(mesh, rules)),
         in_shardings=(st_sh, b_sh), out_shardings=(st_sh, None), donate_argnums=0)
     eval_step = jax.jit(
-        make_eval_step(model_cfg, loss_chunk=t.loss_chunk,
+        make_eval_step(model_cfg, loss_chunk=t.loss_chunk, quant=cfg.quant,
                        activation_rules=lambda: activation_rules(mesh, rules)),
         in_shardings=(st_sh["params"], b_sh))
     return TrainProgram(cfg=cfg, mesh=mesh, total_steps=total, decay_start=decay_start, tx=tx,
                         schedule=schedule, state_shardings=st_sh, batch_sharding=b_sh,
                         abstract_state=abstract_state,
-                        init=jax.jit(init, out_shardings=st_sh), step=step,
+                        init=jax.jit(init, out_shardings=st_sh),
+                        init_from=jax.jit(
+                            lambda p: init_state(p, tx, teacher=_keeps_teacher(cfg)),
+                            in_shardings=(st_sh["params"],), out_shardings=st_sh),
+                        step=step,
                         eval_step=eval_step)

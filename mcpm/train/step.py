@@ -17,8 +17,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from mcpm.config import ModelConfig
+from mcpm.config import ModelConfig, QuantConfig
 from mcpm.model.minicpm4 import MiniCPM4, precision_scope
+from mcpm.quant.qat import distill_kl_sum, fake_quantize, quant_stats
 from mcpm.train.loss import chunked_cross_entropy_sums, cross_entropy_sums
 
 BATCH_KEYS = ("inputs", "targets", "weights", "positions", "segment_ids")
@@ -26,13 +27,20 @@ BATCH_KEYS = ("inputs", "targets", "weights", "positions", "segment_ids")
 
 class ModelApply:
     """Runs MiniCPM4 on a pure ``{name: array}`` parameter dict (the model's graph is built once,
-    abstractly; each call only merges the arrays into it)."""
+    abstractly; each call only merges the arrays into it). With ``quant`` enabled the model
+    runs on the straight-through quantized parameters (:func:`mcpm.quant.qat.fake_quantize`):
+    its forward is the quantized model's, its gradient reaches the float parameters."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, quant: QuantConfig | None = None):
         abstract = nnx.eval_shape(lambda: MiniCPM4(cfg, rngs=nnx.Rngs(0)))
         self.graphdef, self._template = nnx.split(abstract)
+        self.cfg, self.quant = cfg, quant if quant is not None and quant.enabled else None
 
-    def model(self, params: dict) -> MiniCPM4:
+    def model(self, params: dict, *, float_weights: bool = False) -> MiniCPM4:
+        """The model on ``params`` (quantized unless ``float_weights``: a distillation
+        teacher)."""
+        if self.quant is not None and not float_weights:
+            params = fake_quantize(params, self.quant, self.cfg)
         state = jax.tree.map(lambda x: x, self._template)
         nnx.replace_by_pure_dict(state, params)
         return nnx.merge(self.graphdef, state)
@@ -49,12 +57,25 @@ def loss_sums(model: MiniCPM4, batch: dict, loss_chunk: int = 0) -> dict:
     return cross_entropy_sums(out, batch["targets"], batch["weights"])
 
 
+def distill_sums(student: MiniCPM4, teacher: MiniCPM4, batch: dict, temperature: float) -> dict:
+    """:func:`loss_sums` of ``student`` plus ``kl``: the summed distillation KL from the frozen
+    ``teacher`` over the target tokens (both models' whole-sequence logits)."""
+    def logits(model):
+        return model(batch["inputs"], positions=batch["positions"],
+                     segment_ids=batch.get("segment_ids"))
+    out = logits(student)
+    sums = cross_entropy_sums(out, batch["targets"], batch["weights"])
+    target = jax.lax.stop_gradient(logits(teacher))
+    return {**sums, "kl": distill_kl_sum(out, target, batch["weights"], temperature)}
+
+
 def make_eval_step(model_cfg: ModelConfig, *, loss_chunk: int = 0,
+                   quant: QuantConfig | None = None,
                    activation_rules: Callable[[], contextlib.AbstractContextManager] | None = None):
     """``eval_step(params, batch) -> {"nll", "tokens"}``: the summed next-token loss of a batch
-    (the train step's forward and loss, without gradients); the caller sums batches and
-    divides, so every held-out token weighs the same."""
-    apply = ModelApply(model_cfg)
+    (the train step's forward and loss, without gradients; the quantized model's under
+    ``quant``); the caller sums batches and divides, so every held-out token weighs the same."""
+    apply = ModelApply(model_cfg, quant)
     hints = activation_rules or contextlib.nullcontext
 
     def eval_step(params: dict, batch: dict):
@@ -65,9 +86,14 @@ def make_eval_step(model_cfg: ModelConfig, *, loss_chunk: int = 0,
     return eval_step
 
 
-def init_state(params: dict, tx: optax.GradientTransformation) -> dict:
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-            "skipped": jnp.zeros((), jnp.int32)}
+def init_state(params: dict, tx: optax.GradientTransformation, *, teacher: bool = False) -> dict:
+    """A fresh train state; ``teacher`` also keeps a frozen copy of ``params`` (the
+    distillation teacher, saved and restored with the state so a resume is exact)."""
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+             "skipped": jnp.zeros((), jnp.int32)}
+    if teacher:
+        state["teacher"] = jax.tree.map(jnp.copy, params)
+    return state
 
 
 def _micro_batches(batch: dict, accum: int) -> dict:
@@ -80,10 +106,16 @@ def _micro_batches(batch: dict, accum: int) -> dict:
 
 def make_train_step(model_cfg: ModelConfig, tx: optax.GradientTransformation,
                     lr_schedule: Callable, *, z_loss: float = 0.0, accum_steps: int = 1,
-                    loss_chunk: int = 0,
+                    loss_chunk: int = 0, quant: QuantConfig | None = None,
                     activation_rules: Callable[[], contextlib.AbstractContextManager] | None = None):
     """``step(state, batch) -> (state, metrics)``; metrics are float32/int32 scalars:
     loss (mean nll over target tokens), z, tokens, grad_norm, lr, finite, skipped.
+
+    ``quant`` (enabled): the forward runs the quantized model (straight-through gradients to
+    the float parameters), ``loss`` is that model's, and the metrics add its zero fractions and
+    scales per matrix (:func:`mcpm.quant.qat.quant_stats`, of the parameters the step's forward
+    used). With ``quant.distill_weight`` > 0 the state holds a ``teacher`` and the objective
+    adds ``distill_weight * kl`` (``kl`` per target token is logged).
 
     ``loss_chunk`` > 0 makes the logits that many positions at a time
     (:func:`mcpm.train.loss.chunked_cross_entropy_sums`): the same loss without ``[B, T, V]``.
@@ -91,11 +123,17 @@ def make_train_step(model_cfg: ModelConfig, tx: optax.GradientTransformation,
     ``activation_rules``: makes the context in which the model's activation sharding hints
     are resolved while tracing (``lambda: mcpm.sharding.activation_rules(mesh, rules)``).
     """
-    apply = ModelApply(model_cfg)
+    apply = ModelApply(model_cfg, quant)
     hints = activation_rules or contextlib.nullcontext
+    distill = quant is not None and quant.enabled and quant.distill_weight > 0
 
-    def sums_and_grads(params, micro):
+    def sums_and_grads(params, micro, teacher):
         def objective(p):
+            if distill:
+                sums = distill_sums(apply.model(p), apply.model(teacher, float_weights=True),
+                                    micro, quant.distill_temperature)
+                return (sums["nll"] + z_loss * sums["z"]
+                        + quant.distill_weight * sums["kl"]), sums
             sums = loss_sums(apply.model(p), micro, loss_chunk)
             return sums["nll"] + z_loss * sums["z"], sums
         # the backward pass is traced here, outside the model's call: the same precision
@@ -107,14 +145,14 @@ def make_train_step(model_cfg: ModelConfig, tx: optax.GradientTransformation,
             return _step(state, batch)
 
     def _step(state: dict, batch: dict):
-        params = state["params"]
+        params, teacher = state["params"], state.get("teacher")
         if accum_steps == 1:
-            sums, grads = sums_and_grads(params, batch)
+            sums, grads = sums_and_grads(params, batch, teacher)
         else:
             def body(carry, micro):
-                sums, grads = sums_and_grads(params, micro)
+                sums, grads = sums_and_grads(params, micro, teacher)
                 return jax.tree.map(jnp.add, carry, (sums, grads)), None
-            zero = ({"nll": 0.0, "z": 0.0, "tokens": 0.0},
+            zero = ({"nll": 0.0, "z": 0.0, "tokens": 0.0, **({"kl": 0.0} if distill else {})},
                     jax.tree.map(jnp.zeros_like, params))
             (sums, grads), _ = jax.lax.scan(body, zero, _micro_batches(batch, accum_steps))
         denom = jnp.maximum(sums["tokens"], 1.0)
@@ -125,13 +163,17 @@ def make_train_step(model_cfg: ModelConfig, tx: optax.GradientTransformation,
         updates, new_opt = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-        new_state = {"step": state["step"] + 1,
+        new_state = {**state, "step": state["step"] + 1,
                      "params": keep(new_params, params),
                      "opt_state": keep(new_opt, state["opt_state"]),
                      "skipped": state["skipped"] + (~finite).astype(jnp.int32)}
         metrics = {"loss": loss, "z": sums["z"] / denom, "tokens": sums["tokens"],
                    "grad_norm": grad_norm, "lr": jnp.asarray(lr_schedule(state["step"])),
                    "finite": finite, "skipped": new_state["skipped"]}
+        if distill:
+            metrics["kl"] = sums["kl"] / denom
+        if apply.quant is not None:
+            metrics.update(quant_stats(params, apply.quant, model_cfg))
         return new_state, metrics
 
     return step
