@@ -12,7 +12,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from mcpm.config import MeshConfig, ModelConfig, OptimizerConfig, ScheduleConfig  # noqa: E402
+from mcpm.config import (MeshConfig, ModelConfig, OptimizerConfig, QuantConfig,  # noqa: E402
+                         ScheduleConfig)
 from mcpm.model import MiniCPM4  # noqa: E402
 from mcpm.sharding import (activation_rules, batch_sharding, make_mesh,  # noqa: E402
                            state_shardings)
@@ -39,7 +40,7 @@ def batches(n, b=8, t=16):
                "weights": w, "positions": pos, "segment_ids": seg}
 
 
-def run(mesh_cfg, devices, accum=1, steps=2, reshard_to=None):
+def run(mesh_cfg, devices, accum=1, steps=2, reshard_to=None, quant=None):
     params = nnx.to_pure_dict(nnx.state(MiniCPM4(MODEL, rngs=nnx.Rngs(0)), nnx.Param))
     tx = make_optimizer(params, MODEL, OptimizerConfig(), SCHED, total_steps=steps)
     mesh = make_mesh(mesh_cfg, devices)
@@ -47,6 +48,7 @@ def run(mesh_cfg, devices, accum=1, steps=2, reshard_to=None):
     st_sh = state_shardings(shapes, MODEL, mesh, mesh_cfg.rules)
     b_sh = batch_sharding(mesh, mesh_cfg.rules, 8)
     step = jax.jit(make_train_step(MODEL, tx, wsd_schedule(SCHED, steps), accum_steps=accum,
+                                   quant=quant,
                                    activation_rules=lambda: activation_rules(mesh, mesh_cfg.rules)),
                    in_shardings=(st_sh, b_sh), out_shardings=(st_sh, None), donate_argnums=0)
     state = jax.jit(lambda p: init_state(p, tx), out_shardings=st_sh)(params)
@@ -83,4 +85,9 @@ if __name__ == "__main__":
                        reshard_to=MeshConfig(data=2, fsdp=1, tensor=4))
     out["tensor2_fsdp4"] = run(MeshConfig(data=1, fsdp=4, tensor=2), devices)
     out["mixed_accum"] = run(MeshConfig(data=2, fsdp=2, tensor=2), devices, accum=2)
+    # ternary QAT with group scales: the scales follow their weights' shards
+    tern = QuantConfig(method="ternary", group_size=16)
+    out["ternary_single"] = run(MeshConfig(data=1), devices[:1], quant=tern)
+    out["ternary_tensor2_fsdp4"] = run(MeshConfig(data=1, fsdp=4, tensor=2), devices, accum=2,
+                                       quant=tern)
     json.dump(out, sys.stdout)
