@@ -13,7 +13,8 @@ setup(
     description="MiniCPM4 in JAX/Flax NNX: exact official-checkpoint interop, InfLLM v2, training",
     python_requires=">=3.11",
     packages=["mcpm", "mcpm.model", "mcpm.data", "mcpm.train", "mcpm.tunnel", "mcpm.quant",
-              "mcpm_kernels", "mcpm_kernels.infllmv2", "mcpm_kernels.dense_attention"],
+              "mcpm_kernels", "mcpm_kernels.infllmv2", "mcpm_kernels.dense_attention",
+              "mcpm_kernels.ternary"],
     package_dir={"mcpm": "mcpm", "mcpm_kernels": "kernels"},
     # the generated indicator and downstream sets that `mcpm tunnel` uses by default
     package_data={"mcpm.tunnel": ["data/*.jsonl", "data/README.md"]},
