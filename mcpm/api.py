@@ -13,18 +13,26 @@ from mcpm.checkpoint import is_mcpm_checkpoint, load_checkpoint
 from mcpm.config import ModelConfig, SparseConfig, from_dict
 from mcpm.hf import CheckpointError, is_hf_dir, read_hf_checkpoint
 from mcpm.model.minicpm4 import DTYPES, MiniCPM4
+from mcpm.quant.packed import is_packed_checkpoint, load_packed, packed_model
 from mcpm_kernels.infllmv2 import infllmv2_attention as _infllmv2_attention
 from mcpm_kernels.infllmv2 import infllmv2_block_mask as _infllmv2_block_mask
 
 
 def load_params(path: str | Path, progress: bool = False, **run_options
                 ) -> tuple[ModelConfig, dict | None, dict[str, np.ndarray]]:
-    """(config, HF config template, numpy params) from an HF directory or an mcpm checkpoint."""
+    """(config, HF config template, numpy params) from an HF directory or an mcpm checkpoint.
+
+    A packed ternary checkpoint (:mod:`mcpm.quant.packed`) gives the ternary model's float
+    parameters (its matrices unpacked to float32 ``q * scale``); :func:`from_pretrained` keeps
+    them packed instead."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist; give an mcpm checkpoint directory "
                               "(model.yaml + params/) or a Hugging Face model directory "
                               "(config.json + model.safetensors)")
+    if is_packed_checkpoint(path):
+        ckpt = load_packed(path, **run_options)
+        return ckpt.cfg, ckpt.template, ckpt.float_params()
     if is_mcpm_checkpoint(path):
         return load_checkpoint(path, **run_options)
     if is_hf_dir(path):
@@ -56,7 +64,10 @@ def from_pretrained(path: str | Path, *, param_dtype: str | None = None,
                     progress: bool = False) -> MiniCPM4:
     """Load a MiniCPM4 from an official HF directory or an mcpm checkpoint.
 
-    Parameters are float32 unless ``param_dtype`` says otherwise, whatever the file holds.
+    Parameters are float32 unless ``param_dtype`` says otherwise, whatever the file holds. A
+    packed ternary checkpoint (``mcpm quant export ... --format packed``) gives a model that
+    keeps its layer matrices as ternary bytes and scales and unpacks one layer at a time in the
+    forward pass (:mod:`mcpm.quant.packed`).
     ``attention_impl`` / ``sparse_attention_impl`` / ``matmul_precision``: see
     :class:`mcpm.config.ModelConfig`.
     """
@@ -66,6 +77,8 @@ def from_pretrained(path: str | Path, *, param_dtype: str | None = None,
                                      ("sparse_attention_impl", sparse_attention_impl),
                                      ("matmul_precision", matmul_precision))
                    if v is not None}
+    if is_packed_checkpoint(path):
+        return packed_model(load_packed(path, **run_options))
     cfg, _, params = load_params(path, progress=progress, **run_options)
     return model_from_params(cfg, params)
 

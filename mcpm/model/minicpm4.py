@@ -8,6 +8,13 @@ Every parameter carries logical axis names in ``out_sharding`` metadata for the 
 Weight layouts (HF's torch Linear stores [out, in]; mcpm stores [in, out] split into heads):
 ``embed [V,H]``, ``q [L,H,N,D]``, ``k,v [L,H,K,D]``, ``o [L,N,D,H]``, ``gate,up [L,H,I]``,
 ``down [L,I,H]``, norms ``[L,H]`` / ``[H]``, ``lm_head [H,V]`` (untied models only).
+
+A model built with ``packing=`` (what :func:`mcpm.from_pretrained` makes of a packed ternary
+checkpoint, :mod:`mcpm.quant.packed`) holds each packed layer matrix NAME as ternary bytes
+``NAME_packed [L, R, out]`` (the row-planar layout of :mod:`mcpm.quant.pack`, of the
+``[in, out]`` matrix view) and its scales ``NAME_scale`` (``[L, 1, 1]`` or ``[L, in/g, out]``),
+both :class:`PackedTernary` state; the layer scan unpacks one layer's matrix at a time to the
+compute dtype, never the whole model.
 """
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ from mcpm.config import ModelConfig
 from mcpm.model.attention import SparseCacheView, attention, cached_attention, sparse_possible
 from mcpm.model.layers import apply_rope, linear, rms_norm, rope_cos_sin, swiglu
 from mcpm.model.sharding_hints import constrain
+from mcpm.quant.pack import packed_rows, unpack_rows
 from mcpm_kernels.infllmv2.decode import append_keys, compressed_cache_sizes, leading_padding
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -57,6 +65,38 @@ LOGICAL_AXES = {
 RESIDUAL_AXES = ("batch", "length", None)
 
 LAYER_PARAMS = ("attn_norm", "q", "k", "v", "o", "mlp_norm", "gate", "up", "down")
+
+
+class PackedTernary(nnx.Variable):
+    """Ternary weight bytes or their scales in a packed model: inference state, not a trained
+    parameter (``nnx.state(model, nnx.Param)`` leaves it out)."""
+
+
+class Packing(NamedTuple):
+    """Which layer matrices a model holds packed, in which byte format (``"tq2"`` / ``"tq1"``)
+    and with which scale groups (``group_size`` 0: one scale per matrix and layer)."""
+
+    fmt: str
+    names: tuple[str, ...]
+    group_size: int = 0
+
+
+def matrix_dims(name: str, shape: tuple[int, ...]) -> tuple[int, int]:
+    """(in, out) of the matrix a stacked layer parameter multiplies by (``o``'s input is both
+    head axes)."""
+    n_in = 2 if name == "o" else 1
+    return math.prod(shape[1:1 + n_in]), math.prod(shape[1 + n_in:])
+
+
+def unpack_ternary(packed, scale, k: int, fmt: str, dtype):
+    """``q * scale`` as ``[..., k, out]`` in ``dtype`` from row-planar bytes ``[..., R, out]``
+    and scales ``[..., 1, 1]`` or ``[..., k/g, out]``. The product of a ternary value and the
+    scale cast to ``dtype`` is exact, so this equals the float ternary weight cast to ``dtype``."""
+    q = unpack_rows(packed, k, fmt, dtype)
+    groups = scale.shape[-2]
+    lead, n = q.shape[:-2], q.shape[-1]
+    w = q.reshape(*lead, groups, k // groups, n) * scale.astype(dtype)[..., :, None, :]
+    return w.reshape(q.shape)
 
 
 def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -141,14 +181,25 @@ class MiniCPM4(nnx.Module):
     ``(logits, new_cache)`` is returned: that is prefill and decode.
     """
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, packing: Optional[Packing] = None):
         self.config = config
+        self.packing = packing
         pdtype = DTYPES[config.param_dtype]
         key = rngs.params()
         shapes = param_shapes(config)
         keys = dict(zip(shapes, jax.random.split(key, len(shapes))))
         with nnx.use_eager_sharding(False):
             for name, shape in shapes.items():
+                if packing is not None and name in packing.names:
+                    # zero bytes and scales: a weight of zeros until a packed checkpoint fills it
+                    k, n = matrix_dims(name, shape)
+                    groups = k // packing.group_size if packing.group_size else 1
+                    setattr(self, f"{name}_packed", PackedTernary(
+                        jnp.zeros((shape[0], packed_rows(k, packing.fmt), n), jnp.uint8)))
+                    setattr(self, f"{name}_scale", PackedTernary(
+                        jnp.zeros((shape[0], groups, n if packing.group_size else 1),
+                                  jnp.float32)))
+                    continue
                 if name.endswith("norm"):
                     value = jnp.ones(shape, pdtype)
                 else:
@@ -217,14 +268,21 @@ class MiniCPM4(nnx.Module):
         h = self.embed[...][input_ids].astype(cdtype) * jnp.asarray(cfg.scale_emb, cdtype)
         h = constrain(h, RESIDUAL_AXES)
         # cast one layer at a time inside the scan: no compute-dtype copy of the whole model
-        layer_params = {name: getattr(self, name)[...] for name in LAYER_PARAMS}
+        packed = self.packing.names if self.packing is not None else ()
+        layer_params = {name: (getattr(self, f"{name}_packed")[...],
+                               getattr(self, f"{name}_scale")[...]) if name in packed
+                        else getattr(self, name)[...] for name in LAYER_PARAMS}
+        shapes = param_shapes(cfg)
         r = cfg.residual_scale
 
         def layer(h_bth, p, kv=None):
             """One decoder layer. ``kv = (layer index, k_lbksd, v_lbksd, compressed)``: write this
             layer's new keys/values (and compressed keys, when kept) into the cache at ``start``
             and attend over all its slots."""
-            p = {name: w.astype(cdtype) for name, w in p.items()}
+            p = {name: w.astype(cdtype) if name not in packed else
+                 unpack_ternary(*w, matrix_dims(name, shapes[name])[0], self.packing.fmt,
+                                cdtype).reshape(shapes[name][1:])
+                 for name, w in p.items()}
             h_bth = constrain(h_bth, RESIDUAL_AXES)
             x = rms_norm(h_bth, p["attn_norm"], cfg.rms_norm_eps)
             q = apply_rope(linear(x, p["q"]), cos, sin)

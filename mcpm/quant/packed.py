@@ -1,0 +1,344 @@
+"""mcpm's packed ternary checkpoint: the layer matrices as ternary bytes plus scales, for
+inference from a fraction of the bytes (``mcpm quant export CKPT OUT --format packed``).
+
+Layout of a directory written by :func:`write_packed`::
+
+    model.yaml           the ModelConfig (as in an mcpm checkpoint)
+    quant.json           the ternary record (mcpm.quant.qat.quant_info) plus "packing": "tq2" or
+                         "tq1" and "packed": the layer matrices stored as bytes
+    weights.safetensors  every tensor (below), one safetensors file
+    hf_config.json       the config.json the weights came with, if the source had one
+    tokenizer.model      ... and the other tokenizer files and generation_config.json, if any
+
+Tensors, by name:
+
+* ``NAME.packed`` uint8 ``[L, R, out]`` for each packed layer matrix NAME (q, k, v, o, gate,
+  up, down): the row-planar bytes (:func:`mcpm.quant.pack.pack_rows`, format ``packing``) of
+  its ``[L, in, out]`` matrix view (:func:`mcpm.quant.qat.as_matrices`), R = ceil(in / 4) for
+  tq2 and ceil(in / 5) for tq1;
+* ``NAME.scale`` float32 ``[L, 1, 1]`` (group_size 0) or ``[L, in / g, out]``: q * scale is the
+  ternary checkpoint's weight exactly;
+* every other parameter under its mcpm name, in the dtype the source checkpoint holds it
+  (float32 from a training run). A ternary embedding or lm_head stays there as its exact float
+  ``q * scale``: the embedding is read by row gathers and the head is not inside the layer scan
+  that unpacks one layer at a time.
+
+Why one safetensors file: its header gives every tensor's dtype, shape and byte range, so a
+reader checks the whole file against its size before reading anything (a truncated file fails
+up front, naming the tensors cut off) and then reads one tensor at a time with a seek and a
+read (no second copy, no memory map); any safetensors reader opens it (U8, F32, BF16, F16).
+"""
+from __future__ import annotations
+
+import json
+import math
+import struct
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+import ml_dtypes
+import numpy as np
+import yaml
+
+from mcpm.checkpoint import HF_TEMPLATE, MODEL_YAML, load_model_config
+from mcpm.config import ModelConfig, to_dict
+from mcpm.hf import CheckpointError, atomic_output_dir, check_output_dir, copy_aux_files
+from mcpm.model.minicpm4 import DTYPES, MiniCPM4, Packing, matrix_dims, param_shapes
+from mcpm.quant.pack import FORMATS, check_rows, pack_rows, packed_rows, unpack_rows
+from mcpm.quant.qat import HIDDEN_MATRICES, QUANT_FILE, read_quant_info, recover_ternary
+from mcpm.quant.ternary import QuantError
+
+PACKED_FILE = "weights.safetensors"
+FORMAT_TAG = "mcpm-packed-ternary"
+
+_DTYPES = {"U8": np.dtype(np.uint8), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+           "BF16": np.dtype(ml_dtypes.bfloat16)}
+_CODES = {v: k for k, v in _DTYPES.items()}
+
+
+def is_packed_checkpoint(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / MODEL_YAML).is_file() and (path / PACKED_FILE).is_file()
+
+
+def require_ternary(ckpt_dir: str | Path) -> dict:
+    """The quant.json of a ternary checkpoint; a float one is refused with what to do."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.exists():
+        raise CheckpointError(f"{ckpt_dir} does not exist; give a ternary mcpm checkpoint "
+                              f"directory (model.yaml, params/ and {QUANT_FILE})")
+    info = read_quant_info(ckpt_dir)
+    if info is None:
+        raise QuantError(f"{ckpt_dir} is a float checkpoint (it has no {QUANT_FILE}); exports "
+                         "are of ternary models: make one with `mcpm quant ternarize "
+                         f"{ckpt_dir} OUT` (post-training) or train with quant.method=ternary, "
+                         "then export that checkpoint")
+    return info
+
+
+# --------------------------------------------------------------------------------------------
+# the safetensors file
+# --------------------------------------------------------------------------------------------
+
+def _write_tensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
+    """A safetensors file of ``tensors`` (little-endian u64 header length, JSON header padded
+    to 8 bytes, raw little-endian data), written from the arrays one at a time."""
+    assert sys.byteorder == "little", "safetensors is little-endian; big-endian hosts unsupported"
+    header, offset = {"__metadata__": metadata}, 0
+    for name, a in tensors.items():
+        header[name] = {"dtype": _CODES[a.dtype], "shape": list(a.shape),
+                        "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for a in tensors.values():
+            f.write(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
+
+
+class _TensorFile:
+    """A safetensors file whose header is checked against the file size on opening; tensors
+    are then read one at a time."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        hint = "the file is corrupt or truncated: export the packed checkpoint again"
+        try:
+            size = path.stat().st_size
+            with open(path, "rb") as f:
+                (hlen,) = struct.unpack("<Q", f.read(8))
+                if hlen > min(size - 8, 100 * 2**20):
+                    raise ValueError(f"header length {hlen} does not fit the file ({size} "
+                                     "bytes)")
+                header = json.loads(f.read(hlen))
+            if not isinstance(header, dict):
+                raise ValueError("the header is not a JSON object")
+        except (OSError, struct.error, ValueError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: cannot read it ({e}); {hint}") from None
+        self.metadata = header.pop("__metadata__", None) or {}
+        self._base, data_size = 8 + hlen, size - 8 - hlen
+        self.entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
+        for name, entry in header.items():
+            try:
+                dtype = _DTYPES[entry["dtype"]]
+                shape = tuple(int(d) for d in entry["shape"])
+                start, end = (int(o) for o in entry["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{path}: tensor {name} has an unsupported or malformed "
+                                      f"header entry {entry}; {hint}") from None
+            if start < 0 or end - start != math.prod(shape) * dtype.itemsize:
+                raise CheckpointError(f"{path}: tensor {name}: byte range {start}..{end} does "
+                                      f"not hold shape {list(shape)} of {entry['dtype']}; {hint}")
+            self.entries[name] = (dtype, shape, start, end)
+        cut = sorted((n for n, e in self.entries.items() if e[3] > data_size),
+                     key=lambda n: self.entries[n][2])
+        if cut:
+            listed = ", ".join(cut[:4]) + (f" and {len(cut) - 4} more" if len(cut) > 4 else "")
+            raise CheckpointError(f"{path}: truncated: it holds {data_size} bytes of tensor data "
+                                  f"but tensor(s) {listed} reach beyond them "
+                                  f"(up to byte {max(self.entries[n][3] for n in cut)}); {hint}")
+
+    def read(self, name: str) -> np.ndarray:
+        dtype, shape, start, end = self.entries[name]
+        out = np.empty(shape, dtype)
+        with open(self.path, "rb") as f:
+            f.seek(self._base + start)
+            if f.readinto(out.reshape(-1).view(np.uint8)) != end - start:
+                raise CheckpointError(f"{self.path}: tensor {name} is cut short; export the "
+                                      "packed checkpoint again")
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# writing
+# --------------------------------------------------------------------------------------------
+
+def packed_layout(cfg: ModelConfig, packing: Packing) -> dict[str, tuple[tuple[int, ...],
+                                                                        np.dtype | None]]:
+    """File tensor name -> (shape, dtype) of a packed checkpoint (dtype None: any float)."""
+    out = {}
+    for name, shape in param_shapes(cfg).items():
+        if name not in packing.names:
+            out[name] = (shape, None)
+            continue
+        k, n = matrix_dims(name, shape)
+        g = packing.group_size
+        out[f"{name}.packed"] = ((shape[0], packed_rows(k, packing.fmt), n), np.dtype(np.uint8))
+        out[f"{name}.scale"] = ((shape[0], k // g, n) if g else (shape[0], 1, 1),
+                                np.dtype(np.float32))
+    return out
+
+
+def write_packed(src: str | Path, out: str | Path, fmt: str = "tq2",
+                 overwrite: bool = False) -> dict:
+    """Write the packed checkpoint of the ternary checkpoint ``src`` to ``out`` atomically
+    (nothing is left at ``out`` on failure; an existing ``out`` is refused unless
+    ``overwrite``, and kept as it was if the export fails). Returns a report with the sizes:
+    ``quantized_bytes`` (bytes and scales of the packed matrices), ``bf16_bytes`` (the same
+    matrices in bfloat16), ``total_bytes`` (the directory)."""
+    from mcpm.api import load_params
+
+    src, out = Path(src), Path(out)
+    if fmt not in FORMATS:
+        raise QuantError(f"unknown packing {fmt!r}: use 'tq2' (2 bits per weight) or 'tq1' "
+                         "(base 3, 1.6 bits per weight)")
+    check_output_dir(out, overwrite)
+    info = require_ternary(src)
+    cfg, template, params = load_params(src)
+    g = info["group_size"]
+    names = tuple(n for n in HIDDEN_MATRICES if n in info["tensors"])
+    # every matrix is recovered and packed before anything is written: a checkpoint that is
+    # not ternary fails here, naming the tensor
+    tensors: dict[str, np.ndarray] = {}
+    quantized = bf16 = 0
+    for name, shape in param_shapes(cfg).items():
+        w = np.asarray(params.pop(name))
+        if name not in names:
+            tensors[name] = w if w.dtype in _CODES else w.astype(np.float32)
+            continue
+        k, n = matrix_dims(name, shape)
+        q, scale = recover_ternary(w.reshape(shape[0], k, n), g,
+                                   name=f"{src}: tensor {name}")
+        tensors[f"{name}.packed"] = pack_rows(q, fmt)
+        tensors[f"{name}.scale"] = scale
+        quantized += tensors[f"{name}.packed"].nbytes + scale.nbytes
+        bf16 += 2 * q.size
+        del w, q
+    record = {**info, "packing": fmt, "packed": list(names)}
+    with atomic_output_dir(out, overwrite) as tmp:
+        (tmp / MODEL_YAML).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        (tmp / QUANT_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        if template is not None:
+            (tmp / HF_TEMPLATE).write_text(json.dumps(template, indent=2) + "\n")
+        _write_tensors(tmp / PACKED_FILE, tensors, {"format": FORMAT_TAG, "packing": fmt})
+        copy_aux_files(src, tmp)
+    total = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    return {"format": "packed", "packing": fmt, "out": str(out), "packed": list(names),
+            "quantized_bytes": quantized, "bf16_bytes": bf16, "total_bytes": total,
+            "ratio_vs_bf16": bf16 / quantized if quantized else None}
+
+
+# --------------------------------------------------------------------------------------------
+# reading
+# --------------------------------------------------------------------------------------------
+
+class PackedCheckpoint(NamedTuple):
+    """A packed checkpoint in host memory: ``tensors`` by their file names (see the module
+    docstring), checked against the config and the packing."""
+
+    cfg: ModelConfig
+    template: dict | None
+    info: dict
+    packing: Packing
+    tensors: dict[str, np.ndarray]
+
+    def ternary(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(q int8 ``[L, in, out]``, scale float32) of the packed matrix ``name``."""
+        k, _ = matrix_dims(name, param_shapes(self.cfg)[name])
+        q = unpack_rows(self.tensors[f"{name}.packed"], k, self.packing.fmt)
+        return np.asarray(q), self.tensors[f"{name}.scale"]
+
+    def float_params(self) -> dict[str, np.ndarray]:
+        """The ternary model's parameters by mcpm name, packed matrices as float32 q * scale
+        (what the ternary checkpoint held)."""
+        out = {}
+        for name, shape in param_shapes(self.cfg).items():
+            if name not in self.packing.names:
+                out[name] = self.tensors[name]
+                continue
+            q, scale = self.ternary(name)
+            groups = scale.shape[-2]
+            w = q.reshape(shape[0], groups, -1, q.shape[-1]).astype(np.float32)
+            out[name] = (w * scale[:, :, None, :]).reshape(shape)
+        return out
+
+
+def load_packed(path: str | Path, **run_options) -> PackedCheckpoint:
+    """Read and check a packed checkpoint directory: every tensor present with its shape and
+    dtype, nothing extra, every byte a packed ternary value, every scale finite and >= 0.
+    ``run_options`` override run-time model keys (e.g. ``compute_dtype``)."""
+    path = Path(path)
+    if not is_packed_checkpoint(path):
+        raise CheckpointError(f"{path} is not a packed checkpoint (needs {MODEL_YAML} and "
+                              f"{PACKED_FILE}); `mcpm quant export CKPT OUT --format packed` "
+                              "writes one")
+    cfg = load_model_config(path, **run_options)
+    info = read_quant_info(path)
+    fmt = (info or {}).get("packing")
+    names = (info or {}).get("packed")
+    if info is None or fmt not in FORMATS or not isinstance(names, list) or not set(
+            names) <= set(HIDDEN_MATRICES):
+        raise CheckpointError(f"{path / QUANT_FILE}: missing or not a packed checkpoint's record "
+                              "(needs \"packing\": \"tq2\" or \"tq1\" and \"packed\": the packed "
+                              "layer matrices); export the checkpoint again")
+    template = None
+    if (path / HF_TEMPLATE).is_file():
+        try:
+            template = json.loads((path / HF_TEMPLATE).read_text())
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{path / HF_TEMPLATE}: cannot read it ({e})") from None
+    packing = Packing(fmt, tuple(names), info["group_size"])
+    file = path / PACKED_FILE
+    if packing.group_size:
+        for name in packing.names:
+            k, _ = matrix_dims(name, param_shapes(cfg)[name])
+            if k % packing.group_size:
+                raise CheckpointError(f"{path / QUANT_FILE}: group_size {packing.group_size} "
+                                      f"does not divide the input size {k} of {name}")
+    layout = packed_layout(cfg, packing)
+    reader = _TensorFile(file)
+    if reader.metadata.get("format") != FORMAT_TAG or reader.metadata.get("packing") != fmt:
+        raise CheckpointError(f"{file}: its metadata {reader.metadata} does not say "
+                              f"format {FORMAT_TAG!r}, packing {fmt!r} (as {QUANT_FILE} does); "
+                              "export the packed checkpoint again")
+    missing = sorted(set(layout) - set(reader.entries))
+    extra = sorted(set(reader.entries) - set(layout))
+    if missing or extra:
+        raise CheckpointError(f"{file}: tensors do not match model.yaml and {QUANT_FILE}"
+                              + (f"; missing: {missing}" if missing else "")
+                              + (f"; unexpected: {extra}" if extra else ""))
+    tensors = {}
+    for name, (shape, dtype) in layout.items():
+        got_dtype, got_shape = reader.entries[name][:2]
+        if got_shape != tuple(shape) or (dtype is not None and got_dtype != dtype) or (
+                dtype is None and got_dtype == np.uint8):
+            raise CheckpointError(f"{file}: tensor {name} is {list(got_shape)} {got_dtype}, "
+                                  f"expected {list(shape)} {dtype or 'float'} from model.yaml "
+                                  f"and {QUANT_FILE}")
+        a = reader.read(name)
+        if name.endswith(".packed"):
+            try:
+                check_rows(a, fmt, what=f"tensor {name} of {file}")
+            except QuantError as e:
+                raise CheckpointError(f"{e}; the file is damaged: export the packed "
+                                      "checkpoint again") from None
+        elif name.endswith(".scale") and not (np.all(np.isfinite(a)) and np.all(a >= 0)):
+            raise CheckpointError(f"{file}: tensor {name} holds negative or non-finite scales; "
+                                  "the file is damaged: export the packed checkpoint again")
+        tensors[name] = a
+    return PackedCheckpoint(cfg, template, info, packing, tensors)
+
+
+def packed_model(ckpt: PackedCheckpoint):
+    """A MiniCPM4 that holds the packed matrices as bytes and scales (unpacked one layer at a
+    time in its forward pass) and the other parameters in ``cfg.param_dtype``."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    cfg, packing = ckpt.cfg, ckpt.packing
+    abstract = nnx.eval_shape(lambda: MiniCPM4(cfg, rngs=nnx.Rngs(0), packing=packing))
+    graphdef, state = nnx.split(abstract)
+    dtype = DTYPES[cfg.param_dtype]
+    pure = {}
+    for name in param_shapes(cfg):
+        if name in packing.names:
+            pure[f"{name}_packed"] = jnp.asarray(ckpt.tensors[f"{name}.packed"])
+            pure[f"{name}_scale"] = jnp.asarray(ckpt.tensors[f"{name}.scale"])
+        else:
+            pure[name] = jnp.asarray(ckpt.tensors[name], dtype)
+    nnx.replace_by_pure_dict(state, pure)
+    return nnx.merge(graphdef, state)
+
