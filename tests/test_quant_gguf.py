@@ -8,6 +8,7 @@ minicpm graph does is compared with mcpm's model."""
 import dataclasses
 import json
 import math
+import shutil
 
 import gguf
 import numpy as np
@@ -340,6 +341,24 @@ def test_file_read_as_llamacpp_computes_mcpm_logits(tmp_path, tok_dir, cfg, grou
     err = np.abs(got - want).max() / np.abs(want).max()
     # float: the same weights; ternary: scales rounded to fp16 (2^-11 relative)
     assert err < (1e-5 if group is None else 3e-3), err
+
+
+def test_official_model_through_the_file_gives_the_official_logits(tmp_path, official_case):
+    """The official PyTorch code's logits (LongRoPE with the long factors and magnitude scale,
+    or the short ones; tied or untied head) from the GGUF of its HF directory."""
+    hf = tmp_path / "hf"
+    shutil.copytree(official_case / "hf", hf)
+    rng = np.random.default_rng(0)               # few characters: a tokenizer below 320 pieces
+    words = ["".join(rng.choice(list("abcdefgh"), rng.integers(2, 7))) for _ in range(200)]
+    (tmp_path / "text.txt").write_text("\n".join(
+        " ".join(rng.choice(words, 12)) for _ in range(500)))
+    train_tokenizer([tmp_path / "text.txt"], hf, vocab_size=300)
+    export_gguf(hf, tmp_path / "m.gguf")
+    ids, want = np.load(official_case / "ids.npy"), np.load(official_case / "logits.npy")
+    for row in range(ids.shape[0]):
+        got = llamacpp_style_forward(tmp_path / "m.gguf", ids[row])
+        err = np.linalg.norm(got - want[row]) / np.linalg.norm(want[row])
+        assert err < 1e-5, (row, err)
 
 
 def test_refusals_and_nothing_left_behind(tmp_path, tok_dir, monkeypatch):
