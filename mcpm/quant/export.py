@@ -146,8 +146,8 @@ def summary(report: dict) -> str:
                 f"{len(report['tensors'])} ternary tensors dequantized, "
                 f"{human_bytes(report['total_bytes'])} in all")
     if fmt == "packed":
-        return (f"wrote {out}: packed {report['packing']} checkpoint, {human_bytes(report['total_bytes'])}"
-                f" in all; the {len(report['packed'])} ternary layer matrices take "
+        return (f"wrote {out}: packed {report['packing']} checkpoint, "
+                f"{human_bytes(report['total_bytes'])} in all; the {len(report['packed'])} ternary layer matrices take "
                 f"{human_bytes(report['quantized_bytes'])} with scales vs "
                 f"{human_bytes(report['bf16_bytes'])} in bfloat16 "
                 f"({report['ratio_vs_bf16']:.1f}x smaller)")
