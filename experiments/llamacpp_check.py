@@ -4,7 +4,9 @@
 A float checkpoint (``--checkpoint``; default ``runs/tiny/model`` from ``mcpm train
 configs/tiny.yaml`` when it exists, else a random model with a small trained tokenizer) is
 ternarized in process (absmean, one scale per matrix: what ``mcpm quant ternarize`` does) and
-exported three ways: the float model (F32, and F16), the ternary model as TQ2_0 and as TQ1_0.
+exported: the float model (F32, and F16), the ternary model as TQ2_0 and as TQ1_0, and as TQ2_0
+two more ternarizations (with the embedding, so llama.cpp looks up TQ2_0 rows; with groups of
+128 input rows, which the exporter writes as F16).
 llama.cpp (llama-cpp-python) evaluates one prompt's token ids (mcpm's tokenizer, fed as ids so
 both see the same tokens) with a float32 KV cache, and its logits at every position are compared
 with mcpm's float32 forward of the matching model: max |difference|, that divided by the
@@ -166,25 +168,34 @@ def main(argv=None) -> int:
         if qat.read_quant_info(ckpt) is not None:
             raise SystemExit(f"{ckpt} is already ternary: give the float checkpoint")
         cfg, _, params = load_params(ckpt)
-        qcfg = QuantConfig(method="ternary")
-        tparams = qat.ternarize_params(params, qcfg, cfg)
-        tern = tmp / "ternary"
-        save_checkpoint(tern, cfg, tparams, aux_dir=ckpt,
-                        extra_files={qat.QUANT_FILE: json.dumps(qat.quant_info(qcfg, cfg))})
-
         tok = Tokenizer(ckpt, bos_id=cfg.bos_token_id, eos_ids=cfg.eos_token_id)
         ids = tok.encode(args.prompt)
         want_float = mcpm_logits(cfg, params, ids)
-        want_tern = mcpm_logits(cfg, tparams, ids)
+
+        def ternary(name: str, qcfg: QuantConfig):
+            """(checkpoint, mcpm logits) of the model ternarized as ``qcfg`` says."""
+            tparams = qat.ternarize_params(params, qcfg, cfg)
+            save_checkpoint(tmp / name, cfg, tparams, aux_dir=ckpt, extra_files={
+                qat.QUANT_FILE: json.dumps(qat.quant_info(qcfg, cfg))})
+            return tmp / name, mcpm_logits(cfg, tparams, ids)
+
+        tern, want_tern = ternary("ternary", QuantConfig(method="ternary"))
         float_vs_ternary = compare(want_tern, want_float)
+        # the embedding (and so the tied head) ternary too: llama.cpp's row lookup of TQ2_0
+        tern_emb, want_emb = ternary("ternary-emb", QuantConfig(method="ternary",
+                                                                embeddings=True, head=True))
+        # groups of 128 input rows: two scales per TQ block, so F16 matrices
+        tern_g, want_g = ternary("ternary-g128", QuantConfig(method="ternary", group_size=128))
 
         runs = [("float-f32", ckpt, {"float_type": "f32"}, want_float),
                 ("float-f16", ckpt, {"float_type": "f16"}, want_float),
                 ("tq2", tern, {"ternary_type": "tq2"}, want_tern),
-                ("tq1", tern, {"ternary_type": "tq1"}, want_tern)]
+                ("tq1", tern, {"ternary_type": "tq1"}, want_tern),
+                ("tq2, embedding ternary", tern_emb, {"ternary_type": "tq2"}, want_emb),
+                ("tq2, group_size 128", tern_g, {"ternary_type": "tq2"}, want_g)]
         rows = []
         for label, src, opts, want in runs:
-            path = tmp / f"{label}.gguf"
+            path = tmp / f"{label.replace(', ', '-').replace(' ', '_')}.gguf"
             t0 = time.perf_counter()
             report = export_gguf(src, path, **opts)
             t_export = time.perf_counter() - t0
@@ -199,7 +210,10 @@ def main(argv=None) -> int:
         official = (official_cases(args.official, tmp, args.threads)
                     if args.official.is_dir() else [])
 
-    result = {"checkpoint": str(ckpt), "tokens": len(ids),
+    run = ckpt.parent / "summary.json"          # a `mcpm train` run's model/: how trained it is
+    trained = ({k: v for k, v in json.loads(run.read_text()).items()
+                if k in ("step", "loss", "eval_loss")} if run.is_file() else None)
+    result = {"checkpoint": str(ckpt), "training": trained, "tokens": len(ids),
               "model": {k: getattr(cfg, k) for k in (
                   "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                   "num_attention_heads", "num_key_value_heads")},
