@@ -8,7 +8,8 @@ exported: the float model (F32, and F16), the ternary model as TQ2_0 and as TQ1_
 two more ternarizations (with the embedding, so llama.cpp looks up TQ2_0 rows; with groups of
 128 input rows, which the exporter writes as F16).
 llama.cpp (llama-cpp-python) evaluates one prompt's token ids (mcpm's tokenizer, fed as ids so
-both see the same tokens) with a float32 KV cache, and its logits at every position are compared
+both see the same tokens; whether llama.cpp's tokenizer gives the same ids is recorded) with
+a float32 KV cache, and its logits at every position are compared
 with mcpm's float32 forward of the matching model: max |difference|, that divided by the
 largest |logit| of mcpm, and how often the top-1 tokens agree. When the shared fixtures of the
 official PyTorch code are present, their HF directories are exported too (F32) and llama.cpp's
@@ -88,6 +89,17 @@ def llamacpp_logits(path: Path, rows: list[list[int]], threads: int) -> list[np.
             llm.eval([int(i) for i in ids])
             out.append(np.array(llm.scores[:len(ids)], np.float64))
         return out
+    finally:
+        llm.close()
+
+
+def llamacpp_tokens(path: Path, text: str) -> list[int]:
+    """llama.cpp's token ids of ``text`` (with bos) from the file's vocabulary alone."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    try:
+        return list(llm.tokenize(text.encode("utf-8"), add_bos=True, special=False))
     finally:
         llm.close()
 
@@ -202,6 +214,8 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             got = llamacpp_logits(path, [ids], args.threads)[0]
             t_eval = time.perf_counter() - t0
+            if not rows:
+                same_tokens = llamacpp_tokens(path, args.prompt) == list(ids)
             rows.append({"file": label, "bytes": report["bytes"],
                          "tensor_types": report["tensor_types"],
                          "fallbacks": [f["tensor"] for f in report["fallbacks"]],
@@ -214,6 +228,7 @@ def main(argv=None) -> int:
     trained = ({k: v for k, v in json.loads(run.read_text()).items()
                 if k in ("step", "loss", "eval_loss")} if run.is_file() else None)
     result = {"checkpoint": str(ckpt), "training": trained, "tokens": len(ids),
+              "llamacpp_tokenizes_the_prompt_as_mcpm": same_tokens,
               "model": {k: getattr(cfg, k) for k in (
                   "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                   "num_attention_heads", "num_key_value_heads")},
@@ -224,8 +239,9 @@ def main(argv=None) -> int:
               "official_vs_llamacpp": official}
     write_json(args.out, result)
 
-    print(f"{ckpt}: {len(ids)} tokens; llama.cpp (llama-cpp-python {llama_cpp.__version__}) "
-          "vs mcpm logits")
+    print(f"{ckpt}: {len(ids)} tokens (llama.cpp's tokenizer gives "
+          f"{'the same' if same_tokens else 'OTHER'} ids); llama.cpp "
+          f"(llama-cpp-python {llama_cpp.__version__}) vs mcpm logits")
     head = (f"{'file':28} {'MB':>7} {'max abs err':>12} {'max rel err':>12} "
             f"{'top-1 agree':>11}  fallbacks")
     print(head)
