@@ -48,7 +48,6 @@ TERNARY_TYPES = ("tq2", "tq1")
 FLOAT_TYPES = ("f32", "f16")
 BLOCK = 256  # weights per TQ1_0 / TQ2_0 block (ggml's QK_K)
 
-_MATRICES = ("q", "k", "v", "o", "gate", "up", "down")
 _LAYER_NAMES = {"attn_norm": "attn_norm", "q": "attn_q", "k": "attn_k", "v": "attn_v",
                 "o": "attn_output", "mlp_norm": "ffn_norm", "gate": "ffn_gate", "up": "ffn_up",
                 "down": "ffn_down"}
