@@ -1,9 +1,9 @@
 """Official Hugging Face MiniCPM4 checkpoints <-> mcpm parameters, streaming, without torch.
 
-Reading goes tensor by tensor (plain file reads, not mmap) from single-file or sharded
-safetensors into preallocated layer-stacked numpy buffers (the source dtype is kept), so peak
-memory is one copy of the model plus one tensor. Writing streams the safetensors format tensor by tensor for the same reason
-(``safetensors.numpy.save_file`` serialises a whole file into one bytes object first).
+Reading goes tensor by tensor (plain file reads, not mmap: see mcpm.safetensors_file) from
+single-file or sharded safetensors into preallocated layer-stacked numpy buffers (the source
+dtype is kept), so peak memory is one copy of the model plus one tensor. Writing streams the
+safetensors format tensor by tensor for the same reason.
 Every problem is reported with the file and tensor it concerns, and nothing is written
 half-done: outputs are assembled in a temporary directory and renamed into place.
 """
@@ -11,33 +11,25 @@ from __future__ import annotations
 
 import json
 import shutil
-import struct
-import sys
 import tempfile
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import ml_dtypes
 import numpy as np
 
 from mcpm.config import ModelConfig, UserError, model_config_from_hf, model_config_to_hf
 from mcpm.model.minicpm4 import param_shapes
+from mcpm.safetensors_file import CheckpointError, SafetensorsFile, write_safetensors
 
-SAFETENSORS_DTYPES = {
-    "F32": np.dtype(np.float32), "F16": np.dtype(np.float16), "BF16": np.dtype(ml_dtypes.bfloat16),
-    "F64": np.dtype(np.float64), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
-}
-_DTYPE_CODES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+# The fix that ends the message about a damaged safetensors file of a Hugging Face checkpoint.
+_REFETCH = "download or copy it again"
 
 # Files that travel with the weights through every conversion, unchanged.
 AUX_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
              "special_tokens_map.json", "added_tokens.json", "generation_config.json")
-
-
-class CheckpointError(UserError, ValueError):
-    """A checkpoint is missing, malformed, or does not match its config."""
 
 
 class SizeError(UserError, ValueError):
@@ -155,69 +147,11 @@ def _weight_files(hf_dir: Path) -> dict[str, Path]:
             files[name] = fpath
         return files
     if single.is_file():
-        return {name: single for name in SafetensorsFile(single).keys()}
+        return {name: single for name in SafetensorsFile(single, _REFETCH).keys()}
     if any(hf_dir.glob("*.bin")) or any(hf_dir.glob("*.pt")):
         raise CheckpointError(f"{hf_dir}: only PyTorch pickle weights found; mcpm reads "
                               "safetensors. Re-save with save_pretrained(safe_serialization=True).")
     raise CheckpointError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json")
-
-
-class SafetensorsFile:
-    """A safetensors file read with ordinary file reads, one tensor at a time.
-
-    ``safetensors.safe_open`` memory-maps the file, and every page it touches stays resident
-    until the file is closed, which adds up to a second copy of a large shard. Reading each
-    tensor into a fresh array keeps only that tensor in flight. The header is checked against
-    the file size, so truncated or corrupt files fail up front, naming the file.
-    """
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        try:
-            size = self.path.stat().st_size
-            with open(self.path, "rb") as f:
-                (hlen,) = struct.unpack("<Q", f.read(8))
-                if hlen > min(size - 8, 100 * 2**20):
-                    raise ValueError(f"header length {hlen} does not fit the file ({size} bytes)")
-                header = json.loads(f.read(hlen))
-            if not isinstance(header, dict):
-                raise ValueError("the header is not a JSON object")
-        except (OSError, struct.error, ValueError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{self.path}: cannot read safetensors file ({e}); the file is "
-                                  "corrupt or truncated: download or copy it again") from None
-        header.pop("__metadata__", None)
-        self._base, data_size = 8 + hlen, size - 8 - hlen
-        self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
-        end_max = 0
-        for name, info in header.items():
-            try:
-                dtype = SAFETENSORS_DTYPES[info["dtype"]]
-                shape = tuple(int(d) for d in info["shape"])
-                start, end = (int(o) for o in info["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise CheckpointError(f"{self.path}: tensor {name} has an unsupported or "
-                                      f"malformed header entry {info}") from None
-            if start < 0 or end - start != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
-                raise CheckpointError(f"{self.path}: tensor {name}: offsets {start}..{end} do "
-                                      f"not match shape {list(shape)} of {info['dtype']}")
-            self._entries[name] = (dtype, shape, start, end)
-            end_max = max(end_max, end)
-        if end_max > data_size:
-            raise CheckpointError(f"{self.path}: cannot read safetensors file: truncated, the "
-                                  f"header describes {end_max} bytes of tensor data but the file "
-                                  f"holds {data_size}; download or copy it again")
-
-    def keys(self) -> list[str]:
-        return list(self._entries)
-
-    def get(self, name: str) -> np.ndarray:
-        dtype, shape, start, end = self._entries[name]
-        out = np.empty(shape, dtype)
-        with open(self.path, "rb") as f:
-            f.seek(self._base + start)
-            if f.readinto(out.reshape(-1).view(np.uint8)) != end - start:
-                raise CheckpointError(f"{self.path}: tensor {name} is cut short")
-        return out
 
 
 def iter_hf_tensors(hf_dir: str | Path, names: list[str]) -> Iterator[tuple[str, np.ndarray]]:
@@ -227,7 +161,7 @@ def iter_hf_tensors(hf_dir: str | Path, names: list[str]) -> Iterator[tuple[str,
     for name in names:
         path = files[name]
         if path not in readers:
-            readers[path] = SafetensorsFile(path)
+            readers[path] = SafetensorsFile(path, _REFETCH)
         if name not in readers[path].keys():
             raise CheckpointError(f"{path}: the index lists tensor {name} but the file lacks it")
         yield name, readers[path].get(name)
@@ -284,7 +218,7 @@ def read_hf_checkpoint(hf_dir: str | Path, dtype=None, progress: bool = False,
                     f"{list(hf_shape)} from config.json (hidden_size {cfg.hidden_size}, heads "
                     f"{cfg.num_attention_heads}/{cfg.num_key_value_heads}, intermediate "
                     f"{cfg.intermediate_size}, vocab {cfg.vocab_size})")
-            if tensor.dtype not in _DTYPE_CODES:
+            if tensor.dtype not in _FLOAT_DTYPES:
                 raise CheckpointError(f"{files[hf_name]}: tensor {hf_name} has dtype "
                                       f"{tensor.dtype}; expected a float type")
             bad = count_nonfinite(tensor)
@@ -345,33 +279,6 @@ def _short(names: list[str], n: int = 6) -> str:
 # --------------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------------
-
-def write_safetensors(path: Path, tensors: list[tuple[str, Callable[[], np.ndarray],
-                                                      tuple[int, ...], np.dtype]]) -> None:
-    """Write a safetensors file tensor by tensor: ``(name, producer, shape, dtype)`` each.
-
-    Only one tensor is materialised at a time. Format: little-endian u64 header length, the
-    JSON header (padded with spaces to 8 bytes), then the raw little-endian data.
-    """
-    assert sys.byteorder == "little", "safetensors is little-endian; big-endian hosts unsupported"
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for name, _, shape, dtype in tensors:
-        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-        header[name] = {"dtype": _DTYPE_CODES[np.dtype(dtype)], "shape": list(shape),
-                        "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for name, produce, shape, dtype in tensors:
-            arr = produce()
-            if tuple(arr.shape) != tuple(shape) or arr.dtype != dtype:
-                raise AssertionError(f"{name}: produced {arr.shape} {arr.dtype}, declared {shape}")
-            f.write(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))  # little-endian hosts
-            del arr
-
 
 def hf_tensor_plan(params: dict[str, np.ndarray], cfg: ModelConfig):
     """(HF name, producer, HF shape, dtype) for every tensor, in HF's natural order."""

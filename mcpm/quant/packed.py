@@ -26,14 +26,12 @@ Tensors, by name:
 Why one safetensors file: its header gives every tensor's dtype, shape and byte range, so a
 reader checks the whole file against its size before reading anything (a truncated file fails
 up front, naming the tensors cut off) and then reads one tensor at a time with a seek and a
-read (no second copy, no memory map); any safetensors reader opens it (U8, F32, BF16, F16).
+read (no second copy, no memory map; mcpm.safetensors_file); any safetensors reader opens it
+(U8, F32, BF16, F16).
 """
 from __future__ import annotations
 
 import json
-import math
-import struct
-import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -48,13 +46,15 @@ from mcpm.model.minicpm4 import DTYPES, MiniCPM4, Packing, matrix_dims, param_sh
 from mcpm.quant.pack import FORMATS, check_rows, pack_rows, packed_rows, unpack_rows
 from mcpm.quant.qat import HIDDEN_MATRICES, QUANT_FILE, read_quant_info, recover_ternary
 from mcpm.quant.ternary import QuantError
+from mcpm.safetensors_file import SafetensorsFile, write_safetensors
 
 PACKED_FILE = "weights.safetensors"
 FORMAT_TAG = "mcpm-packed-ternary"
 
-_DTYPES = {"U8": np.dtype(np.uint8), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-           "BF16": np.dtype(ml_dtypes.bfloat16)}
-_CODES = {v: k for k, v in _DTYPES.items()}
+# The dtypes a parameter that is not packed is stored in (others are written as float32).
+_FLOATS = {np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)}
+# The fix that ends the message about a damaged weights file.
+_REEXPORT = "export the packed checkpoint again"
 
 
 def is_packed_checkpoint(path: str | Path) -> bool:
@@ -75,81 +75,6 @@ def require_ternary(ckpt_dir: str | Path) -> dict:
                          f"{ckpt_dir} OUT` (post-training) or train with quant.method=ternary, "
                          "then export that checkpoint")
     return info
-
-
-# --------------------------------------------------------------------------------------------
-# the safetensors file
-# --------------------------------------------------------------------------------------------
-
-def _write_tensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
-    """A safetensors file of ``tensors`` (little-endian u64 header length, JSON header padded
-    to 8 bytes, raw little-endian data), written from the arrays one at a time."""
-    assert sys.byteorder == "little", "safetensors is little-endian; big-endian hosts unsupported"
-    header, offset = {"__metadata__": metadata}, 0
-    for name, a in tensors.items():
-        header[name] = {"dtype": _CODES[a.dtype], "shape": list(a.shape),
-                        "data_offsets": [offset, offset + a.nbytes]}
-        offset += a.nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for a in tensors.values():
-            f.write(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
-
-
-class _TensorFile:
-    """A safetensors file whose header is checked against the file size on opening; tensors
-    are then read one at a time."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        hint = "the file is corrupt or truncated: export the packed checkpoint again"
-        try:
-            size = path.stat().st_size
-            with open(path, "rb") as f:
-                (hlen,) = struct.unpack("<Q", f.read(8))
-                if hlen > min(size - 8, 100 * 2**20):
-                    raise ValueError(f"header length {hlen} does not fit the file ({size} "
-                                     "bytes)")
-                header = json.loads(f.read(hlen))
-            if not isinstance(header, dict):
-                raise ValueError("the header is not a JSON object")
-        except (OSError, struct.error, ValueError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path}: cannot read it ({e}); {hint}") from None
-        self.metadata = header.pop("__metadata__", None) or {}
-        self._base, data_size = 8 + hlen, size - 8 - hlen
-        self.entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
-        for name, entry in header.items():
-            try:
-                dtype = _DTYPES[entry["dtype"]]
-                shape = tuple(int(d) for d in entry["shape"])
-                start, end = (int(o) for o in entry["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise CheckpointError(f"{path}: tensor {name} has an unsupported or malformed "
-                                      f"header entry {entry}; {hint}") from None
-            if start < 0 or end - start != math.prod(shape) * dtype.itemsize:
-                raise CheckpointError(f"{path}: tensor {name}: byte range {start}..{end} does "
-                                      f"not hold shape {list(shape)} of {entry['dtype']}; {hint}")
-            self.entries[name] = (dtype, shape, start, end)
-        cut = sorted((n for n, e in self.entries.items() if e[3] > data_size),
-                     key=lambda n: self.entries[n][2])
-        if cut:
-            listed = ", ".join(cut[:4]) + (f" and {len(cut) - 4} more" if len(cut) > 4 else "")
-            raise CheckpointError(f"{path}: truncated: it holds {data_size} bytes of tensor data "
-                                  f"but tensor(s) {listed} reach beyond them "
-                                  f"(up to byte {max(self.entries[n][3] for n in cut)}); {hint}")
-
-    def read(self, name: str) -> np.ndarray:
-        dtype, shape, start, end = self.entries[name]
-        out = np.empty(shape, dtype)
-        with open(self.path, "rb") as f:
-            f.seek(self._base + start)
-            if f.readinto(out.reshape(-1).view(np.uint8)) != end - start:
-                raise CheckpointError(f"{self.path}: tensor {name} is cut short; export the "
-                                      "packed checkpoint again")
-        return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -197,7 +122,7 @@ def write_packed(src: str | Path, out: str | Path, fmt: str = "tq2",
     for name, shape in param_shapes(cfg).items():
         w = np.asarray(params.pop(name))
         if name not in names:
-            tensors[name] = w if w.dtype in _CODES else w.astype(np.float32)
+            tensors[name] = w if w.dtype in _FLOATS else w.astype(np.float32)
             continue
         k, n = matrix_dims(name, shape)
         q, scale = recover_ternary(w.reshape(shape[0], k, n), g,
@@ -213,7 +138,9 @@ def write_packed(src: str | Path, out: str | Path, fmt: str = "tq2",
         (tmp / QUANT_FILE).write_text(json.dumps(record, indent=2) + "\n")
         if template is not None:
             (tmp / HF_TEMPLATE).write_text(json.dumps(template, indent=2) + "\n")
-        _write_tensors(tmp / PACKED_FILE, tensors, {"format": FORMAT_TAG, "packing": fmt})
+        write_safetensors(tmp / PACKED_FILE,
+                          [(name, lambda a=a: a, a.shape, a.dtype) for name, a in tensors.items()],
+                          metadata={"format": FORMAT_TAG, "packing": fmt})
         copy_aux_files(src, tmp)
     total = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     return {"format": "packed", "packing": fmt, "out": str(out), "packed": list(names),
@@ -289,26 +216,26 @@ def load_packed(path: str | Path, **run_options) -> PackedCheckpoint:
                 raise CheckpointError(f"{path / QUANT_FILE}: group_size {packing.group_size} "
                                       f"does not divide the input size {k} of {name}")
     layout = packed_layout(cfg, packing)
-    reader = _TensorFile(file)
+    reader = SafetensorsFile(file, _REEXPORT)
     if reader.metadata.get("format") != FORMAT_TAG or reader.metadata.get("packing") != fmt:
         raise CheckpointError(f"{file}: its metadata {reader.metadata} does not say "
                               f"format {FORMAT_TAG!r}, packing {fmt!r} (as {QUANT_FILE} does); "
                               "export the packed checkpoint again")
-    missing = sorted(set(layout) - set(reader.entries))
-    extra = sorted(set(reader.entries) - set(layout))
+    missing = sorted(set(layout) - set(reader.keys()))
+    extra = sorted(set(reader.keys()) - set(layout))
     if missing or extra:
         raise CheckpointError(f"{file}: tensors do not match model.yaml and {QUANT_FILE}"
                               + (f"; missing: {missing}" if missing else "")
                               + (f"; unexpected: {extra}" if extra else ""))
     tensors = {}
     for name, (shape, dtype) in layout.items():
-        got_dtype, got_shape = reader.entries[name][:2]
+        got_dtype, got_shape = reader.spec(name)
         if got_shape != tuple(shape) or (dtype is not None and got_dtype != dtype) or (
-                dtype is None and got_dtype == np.uint8):
+                dtype is None and got_dtype not in _FLOATS):
             raise CheckpointError(f"{file}: tensor {name} is {list(got_shape)} {got_dtype}, "
                                   f"expected {list(shape)} {dtype or 'float'} from model.yaml "
                                   f"and {QUANT_FILE}")
-        a = reader.read(name)
+        a = reader.get(name)
         if name.endswith(".packed"):
             try:
                 check_rows(a, fmt, what=f"tensor {name} of {file}")
