@@ -1,6 +1,8 @@
 """BitCPM4 on this machine: held-out loss of a float model, its post-training ternarisation
 (PTQ), ternary QAT from it with 10%, 20% and 40% of its tokens, QAT from scratch with the same
-total tokens, and per-matrix against group scales; then the size of every export format.
+total tokens, per-matrix against group scales, and the float model trained on QAT 40%'s extra
+tokens without quantization (what the extra tokens alone give); then the size of every export
+format.
 
     python experiments/bitcpm.py [--workdir runs/bitcpm] [--out experiments/results] [--smoke]
 
@@ -127,7 +129,8 @@ def plot(results: dict, path: Path) -> None:
     ax1.legend(fontsize=8)
     names = list(results["final"])
     vals = [results["final"][n] for n in names]
-    ax2.barh(names, vals, color=["tab:blue" if n == "float" else "tab:orange" for n in names])
+    ax2.barh(names, vals, color=["tab:blue" if n.startswith("float") else "tab:orange"
+                                 for n in names])
     lo = min(vals)
     ax2.set_xlim(lo - 0.3, max(vals) + 0.1)
     for i, v in enumerate(vals):
@@ -188,6 +191,13 @@ def main() -> None:
                           *schedule(gsteps, plan["qat_lr"], 0.1),
                           f"train.init_from={float_model}", "data.seed=1"))
     qat[gname] = gsteps
+    # the control: the float model trained on the same extra tokens as QAT 40%, unquantized
+    cname = f"float + {int(max(plan['fractions']) * 100)}% (no QAT)"
+    csteps = max(2, round(s1 * max(plan["fractions"])))
+    print(f"== {cname}", flush=True)
+    runs[cname] = run(cfg("float_more", *schedule(csteps, plan["qat_lr"], 0.1),
+                          f"train.init_from={float_model}", "data.seed=1"))
+    qat[cname] = csteps
     scratch_steps = s1 + round(s1 * max(plan["fractions"]))
     print(f"== ternary QAT from scratch ({scratch_steps} steps)", flush=True)
     runs["scratch"] = run(cfg("scratch", *tern, *schedule(scratch_steps, plan["stage1_lr"])))

@@ -144,7 +144,8 @@ def cmd_tokenizer_train(args) -> int:
 # -- generate ----------------------------------------------------------------------------------
 
 def cmd_generate(args) -> int:
-    from mcpm.api import load_params, model_from_params
+    from mcpm.api import from_pretrained, load_params, model_from_params
+    from mcpm.quant.packed import is_packed_checkpoint
     from mcpm.config import Config, load_config
     from mcpm.generation import stream_generate
     from mcpm.tokenizer import Tokenizer
@@ -160,8 +161,12 @@ def cmd_generate(args) -> int:
                         f"not {fixed}: its model is fixed")
     run_opts = {k[len("model."):]: getattr(run_cfg.model, k[len("model."):])
                 for k in keys if k in run_keys}
-    cfg, _, params = load_params(args.checkpoint, **run_opts)
-    model = model_from_params(cfg, params)
+    if is_packed_checkpoint(args.checkpoint):   # runs packed: ternary bytes unpacked per layer
+        model = from_pretrained(args.checkpoint, **run_opts)
+        cfg = model.config
+    else:
+        cfg, _, params = load_params(args.checkpoint, **run_opts)
+        model = model_from_params(cfg, params)
     tok = Tokenizer(args.tokenizer or args.checkpoint, cfg.bos_token_id, cfg.eos_token_id)
     gen = run_cfg.generate
     prompt_ids = tok.encode(args.prompt)
