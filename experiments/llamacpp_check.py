@@ -6,7 +6,9 @@ configs/tiny.yaml`` when it exists, else a random model with a small trained tok
 ternarized in process (absmean, one scale per matrix: what ``mcpm quant ternarize`` does) and
 exported: the float model (F32, and F16), the ternary model as TQ2_0 and as TQ1_0, and as TQ2_0
 two more ternarizations (with the embedding, so llama.cpp looks up TQ2_0 rows; with groups of
-128 input rows, which the exporter writes as F16).
+128 input rows, which the exporter writes as F16); a trained ternary checkpoint (``--qat``,
+default ``runs/bitcpm-tiny/model`` from ``mcpm train configs/bitcpm-tiny.yaml``) is exported as
+it is, as TQ2_0 and TQ1_0.
 llama.cpp (llama-cpp-python) evaluates one prompt's token ids (mcpm's tokenizer, fed as ids so
 both see the same tokens; whether llama.cpp's tokenizer gives the same ids is recorded) with
 a float32 KV cache, and its logits at every position are compared
@@ -153,6 +155,10 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint", type=Path, default=None,
                     help="float mcpm checkpoint with a tokenizer.model (default: runs/tiny/model "
                          "when present, else a random tiny model)")
+    ap.add_argument("--qat", type=Path, default=None,
+                    help="a ternary QAT checkpoint (a `mcpm train` run's model/ under quant:) "
+                         "exported as it is, as TQ2_0 and TQ1_0 (default: "
+                         "runs/bitcpm-tiny/model when present)")
     ap.add_argument("--prompt", default=PROMPT)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--official", type=Path,
@@ -205,6 +211,16 @@ def main(argv=None) -> int:
                 ("tq1", tern, {"ternary_type": "tq1"}, want_tern),
                 ("tq2, embedding ternary", tern_emb, {"ternary_type": "tq2"}, want_emb),
                 ("tq2, group_size 128", tern_g, {"ternary_type": "tq2"}, want_g)]
+        qat_ckpt = args.qat
+        if qat_ckpt is None and (ROOT / "runs/bitcpm-tiny/model").is_dir():
+            qat_ckpt = ROOT / "runs/bitcpm-tiny/model"
+        if qat_ckpt is not None:   # trained ternary: its own weights, as a user would export them
+            if qat.read_quant_info(qat_ckpt) is None:
+                raise SystemExit(f"--qat {qat_ckpt}: not a ternary checkpoint (no quant.json)")
+            qcfg, _, qparams = load_params(qat_ckpt)
+            want_qat = mcpm_logits(qcfg, qparams, ids)
+            runs += [(f"QAT {fmt}", qat_ckpt, {"ternary_type": fmt}, want_qat)
+                     for fmt in ("tq2", "tq1")]
         rows = []
         for label, src, opts, want in runs:
             path = tmp / f"{label.replace(', ', '-').replace(' ', '_')}.gguf"
@@ -228,6 +244,7 @@ def main(argv=None) -> int:
     trained = ({k: v for k, v in json.loads(run.read_text()).items()
                 if k in ("step", "loss", "eval_loss")} if run.is_file() else None)
     result = {"checkpoint": str(ckpt), "training": trained, "tokens": len(ids),
+              "qat_checkpoint": None if qat_ckpt is None else str(qat_ckpt),
               "llamacpp_tokenizes_the_prompt_as_mcpm": same_tokens,
               "model": {k: getattr(cfg, k) for k in (
                   "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
