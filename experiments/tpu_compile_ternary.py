@@ -4,6 +4,7 @@ Usage::
 
     .venv/bin/python experiments/tpu_compile_ternary.py                       # ~1 min, 2 cores
     .venv/bin/python experiments/tpu_compile_ternary.py --topologies v5e:1x1 --m 1 8
+    .venv/bin/python experiments/tpu_compile_ternary.py --decode configs/minicpm4-8b.yaml
 
 For each topology (libtpu's topology descriptions, one-device mesh), each row count M (decode
 M = 1..8, prefill M = 512 and up), each weight shape K x N (MiniCPM4-8B projections by default:
@@ -12,6 +13,13 @@ M = 1..8, prefill M = 512 and up), each weight shape K x N (MiniCPM4-8B projecti
 Mosaic; printed: compile seconds, Mosaic calls in the program, and the per-device
 ``memory_analysis()`` (arguments, output, HBM temporaries). The temporaries stay at most the
 padded x, never an unpacked weight (K*N bytes as int8, 2*K*N as bfloat16).
+
+``--decode CONFIG``: instead, the whole packed model's decode step (T = 1 over a KV cache of
+``--cache-len`` slots, batch ``--m``) for each topology, packed as tq2 (the model routes its
+layer matmuls through the kernel when traced for TPU) and as tq1 (the XLA unpack path), per
+scale layout; printed: compile seconds, Mosaic calls (one per packed matrix of the scanned
+layer), arguments / output / HBM temporaries. Both compile with abstract weights: no
+checkpoint is read.
 """
 import argparse
 import time
@@ -25,13 +33,65 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from mcpm_kernels.ternary import ternary_matmul_pallas
 
 
+def lower_decode(cfg, packing, batch: int, cache_len: int, rep):
+    """The packed model's decode step, traced under the sharding hints of ``rep``'s (TPU) mesh
+    as ``mcpm aot`` traces: the model picks its kernels for those devices, not this host."""
+    from flax import nnx
+
+    from mcpm.model.minicpm4 import KVCache, MiniCPM4
+    from mcpm.model.sharding_hints import activation_sharding
+    graphdef, state = nnx.split(nnx.eval_shape(
+        lambda: MiniCPM4(cfg, rngs=nnx.Rngs(0), packing=packing)))
+    cache = jax.eval_shape(lambda: KVCache.create(cfg, batch, cache_len))
+
+    def decode(state, ids, cache):
+        with activation_sharding(lambda axes, shape: rep):
+            return nnx.merge(graphdef, state)(ids, cache=cache)
+    ids = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
+    return jax.jit(decode, in_shardings=rep, donate_argnums=2).trace(state, ids, cache).lower()
+
+
+def decode_table(args):
+    from mcpm.config import load_config
+    from mcpm.model.minicpm4 import Packing
+    from mcpm.quant.qat import HIDDEN_MATRICES
+    cfg = load_config(args.decode).model
+    print(f"{args.decode}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
+          f"intermediate {cfg.intermediate_size}, {cfg.compute_dtype} compute, "
+          f"{args.cache_len} cache slots")
+    print("| topology | B | packing | g | compile s | calls | args MiB | out MiB | temp MiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for topo in args.topologies:
+        devices = topologies.get_topology_desc(platform="tpu", topology_name=topo).devices
+        rep = NamedSharding(Mesh(np.array(devices[:1]), ("x",)), PartitionSpec())
+        for grp in args.groups:
+            g = 0 if grp == "none" else int(grp)
+            for fmt in ("tq2", "tq1"):
+                for m in args.m:
+                    t0 = time.time()
+                    lowered = lower_decode(cfg, Packing(fmt, HIDDEN_MATRICES, g), m,
+                                           args.cache_len, rep)
+                    mem = lowered.compile().memory_analysis()
+                    print(f"| {topo} | {m} | {fmt} | {grp} | {time.time() - t0:.1f} | "
+                          f"{lowered.as_text().count('@tpu_custom_call')} | "
+                          f"{mem.argument_size_in_bytes / 2**20:.1f} | "
+                          f"{mem.output_size_in_bytes / 2**20:.1f} | "
+                          f"{mem.temp_size_in_bytes / 2**20:.2f} |", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--topologies", nargs="+", default=["v5e:1x1", "v5p:1x1x1"])
     ap.add_argument("--m", nargs="+", type=int, default=[1, 8, 512, 2048])
     ap.add_argument("--shapes", nargs="+", default=["4096x4096", "4096x16384", "16384x4096"])
     ap.add_argument("--groups", nargs="+", default=["none", "128"])
+    ap.add_argument("--decode", metavar="CONFIG",
+                    help="compile the whole packed model's decode step of this model config")
+    ap.add_argument("--cache-len", type=int, default=4096)
     args = ap.parse_args()
+    if args.decode:
+        decode_table(args)
+        return
     print("| topology | M | K x N | g | compile s | calls | args MiB | out MiB | temp KiB |")
     print("|---|---|---|---|---|---|---|---|---|")
     for topo in args.topologies:

@@ -79,8 +79,9 @@ def linear(x: jax.Array, w: jax.Array, in_dims: int = 1, **dot_kwargs) -> jax.Ar
     return y.reshape(*lead, *out)
 
 
-def swiglu(x_bth: jax.Array, gate_hi: jax.Array, up_hi: jax.Array, down_ih: jax.Array) -> jax.Array:
-    """``down(silu(gate(x)) * up(x))``."""
-    g = linear(x_bth, gate_hi)
-    u = linear(x_bth, up_hi)
-    return linear(jax.nn.silu(g) * u, down_ih)
+def swiglu(x_bth: jax.Array, gate_hi, up_hi, down_ih, matmul=linear) -> jax.Array:
+    """``down(silu(gate(x)) * up(x))``. ``matmul(x, w)`` does the three products (a packed
+    model passes one that also takes weights kept packed for a kernel)."""
+    g = matmul(x_bth, gate_hi)
+    u = matmul(x_bth, up_hi)
+    return matmul(jax.nn.silu(g) * u, down_ih)

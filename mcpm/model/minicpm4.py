@@ -14,7 +14,10 @@ checkpoint, :mod:`mcpm.quant.packed`) holds each packed layer matrix NAME as ter
 ``NAME_packed [L, R, out]`` (the row-planar layout of :mod:`mcpm.quant.pack`, of the
 ``[in, out]`` matrix view) and its scales ``NAME_scale`` (``[L, 1, 1]`` or ``[L, in/g, out]``),
 both :class:`PackedTernary` state; the layer scan unpacks one layer's matrix at a time to the
-compute dtype, never the whole model.
+compute dtype, never the whole model. In a program traced for TPU (see
+:func:`mcpm.model.attention.target_platform`) a tq2 matrix the Pallas kernel takes
+(:func:`mcpm_kernels.ternary.pallas_supported`) is not unpacked in HBM at all: its layer's
+matmul runs :func:`mcpm_kernels.ternary.ternary_matmul_pallas`, which unpacks tiles in VMEM.
 """
 from __future__ import annotations
 
@@ -24,14 +27,19 @@ from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from mcpm.config import ModelConfig
-from mcpm.model.attention import SparseCacheView, attention, cached_attention, sparse_possible
+from mcpm.model.attention import (SparseCacheView, attention, cached_attention, sparse_possible,
+                                  target_platform)
 from mcpm.model.layers import apply_rope, linear, rms_norm, rope_cos_sin, swiglu
 from mcpm.model.sharding_hints import constrain
 from mcpm.quant.pack import packed_rows, unpack_rows
 from mcpm_kernels.infllmv2.decode import append_keys, compressed_cache_sizes, leading_padding
+# a module reference, not its names: the kernel module imports mcpm (mcpm.quant.pack), so
+# whichever of the two is imported first meets the other half-initialized
+import mcpm_kernels.ternary.matmul as ternary_kernel
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -97,6 +105,31 @@ def unpack_ternary(packed, scale, k: int, fmt: str, dtype):
     lead, n = q.shape[:-2], q.shape[-1]
     w = q.reshape(*lead, groups, k // groups, n) * scale.astype(dtype)[..., :, None, :]
     return w.reshape(q.shape)
+
+
+class KernelTernary(NamedTuple):
+    """One layer's packed tq2 matrix left packed for the Pallas kernel: bytes ``[R, out]``,
+    scales ``[1, 1]`` / ``[k/g, out]``, the input length ``k``, the output dims of the stacked
+    parameter (``[N, D]`` for q, ``[H]`` for o) and whether to run the Pallas interpreter."""
+
+    packed: jax.Array
+    scale: jax.Array
+    k: int
+    out_shape: tuple[int, ...]
+    interpret: bool
+
+
+def layer_matmul(x: jax.Array, w, in_dims: int = 1) -> jax.Array:
+    """:func:`linear` for a float weight; for a :class:`KernelTernary` the kernel's product with
+    the same shapes (x's last ``in_dims`` dims are the matrix's input)."""
+    if not isinstance(w, KernelTernary):
+        return linear(x, w, in_dims)
+    lead = x.shape[:x.ndim - in_dims]
+    # the kernel itself, not the dispatcher: a TPU program traced on another host (AOT) must
+    # get it although jax.default_backend() is not "tpu" there
+    y = ternary_kernel.ternary_matmul_pallas(x.reshape(-1, w.k), w.packed, w.scale, w.k,
+                                             interpret=w.interpret)
+    return y.reshape(*lead, *w.out_shape)
 
 
 def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -274,29 +307,40 @@ class MiniCPM4(nnx.Module):
                         else getattr(self, name)[...] for name in LAYER_PARAMS}
         shapes = param_shapes(cfg)
         r = cfg.residual_scale
+        platform, interpret = target_platform()
+
+        def layer_weight(name, w):
+            """One layer's slice of parameter ``name`` as the layer's matmuls take it."""
+            if name not in packed:
+                return w.astype(cdtype)
+            k = matrix_dims(name, shapes[name])[0]
+            fmt = self.packing.fmt
+            # a host array of x's dtype and length: the kernel's rules depend on nothing else
+            if platform == "tpu" and ternary_kernel.pallas_supported(
+                    np.zeros((1, k), cdtype), *w, k, fmt):
+                n_in = 2 if name == "o" else 1
+                return KernelTernary(*w, k, shapes[name][1 + n_in:], interpret)
+            return unpack_ternary(*w, k, fmt, cdtype).reshape(shapes[name][1:])
 
         def layer(h_bth, p, kv=None):
             """One decoder layer. ``kv = (layer index, k_lbksd, v_lbksd, compressed)``: write this
             layer's new keys/values (and compressed keys, when kept) into the cache at ``start``
             and attend over all its slots."""
-            p = {name: w.astype(cdtype) if name not in packed else
-                 unpack_ternary(*w, matrix_dims(name, shapes[name])[0], self.packing.fmt,
-                                cdtype).reshape(shapes[name][1:])
-                 for name, w in p.items()}
+            p = {name: layer_weight(name, w) for name, w in p.items()}
             h_bth = constrain(h_bth, RESIDUAL_AXES)
             x = rms_norm(h_bth, p["attn_norm"], cfg.rms_norm_eps)
-            q = apply_rope(linear(x, p["q"]), cos, sin)
+            q = apply_rope(layer_matmul(x, p["q"]), cos, sin)
             q = constrain(q, ("batch", "length", "heads", "head_dim"))
-            k_pre = linear(x, p["k"])
+            k_pre = layer_matmul(x, p["k"])
             k = apply_rope(k_pre, cos, sin)
             if kv is None:
-                v = linear(x, p["v"])
+                v = layer_matmul(x, p["v"])
                 o = attention(q, k, v, cfg, attn_segments, k_pre_rope_btkd=k_pre)
             else:
                 i, k_lbksd, v_lbksd, comp = kv
                 dtype = k_lbksd.dtype
                 k_bktd = k.transpose(0, 2, 1, 3)
-                v_bktd = linear(x, p["v"]).transpose(0, 2, 1, 3)
+                v_bktd = layer_matmul(x, p["v"]).transpose(0, 2, 1, 3)
                 at = (i, 0, 0, start, 0)
                 k_lbksd = jax.lax.dynamic_update_slice(k_lbksd, k_bktd[None].astype(dtype), at)
                 v_lbksd = jax.lax.dynamic_update_slice(v_lbksd, v_bktd[None].astype(dtype), at)
@@ -308,9 +352,9 @@ class MiniCPM4(nnx.Module):
                 o = cached_attention(q, k_lbksd, v_lbksd, i, cfg, start, segment_ids, new_seg,
                                      view)
                 kv = (k_lbksd, v_lbksd, comp)
-            h_bth = h_bth + r * linear(o, p["o"], in_dims=2)
+            h_bth = h_bth + r * layer_matmul(o, p["o"], in_dims=2)
             x = rms_norm(h_bth, p["mlp_norm"], cfg.rms_norm_eps)
-            h_bth = h_bth + r * swiglu(x, p["gate"], p["up"], p["down"])
+            h_bth = h_bth + r * swiglu(x, p["gate"], p["up"], p["down"], layer_matmul)
             return h_bth, kv
 
         if cache is None:
