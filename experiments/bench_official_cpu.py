@@ -100,7 +100,9 @@ def worker_mcpm(work: Path, batch: int, seq: int) -> dict:
     return out
 
 
-def worker_official(work: Path, models: Path, batch: int, seq: int) -> dict:
+def load_official_model(models: Path, hf_dir: Path, work: Path):
+    """The official code (``models``: its modeling/configuration files, copied as a package
+    under ``work`` and imported from there) loading ``hf_dir`` in float32, sdpa attention."""
     import torch
 
     pkg = work / "official_minicpm"
@@ -113,11 +115,18 @@ def worker_official(work: Path, models: Path, batch: int, seq: int) -> dict:
     sys.path.insert(0, str(work))
     modeling = importlib.import_module("official_minicpm.modeling_minicpm")
     configuration = importlib.import_module("official_minicpm.configuration_minicpm")
-    hf_cfg = configuration.MiniCPMConfig.from_pretrained(work / "hf")
+    hf_cfg = configuration.MiniCPMConfig.from_pretrained(hf_dir)
     hf_cfg.w_bits = 16          # the vendored copy's QuantizeLinear is a plain linear at 16
     model = modeling.MiniCPMForCausalLM.from_pretrained(
-        work / "hf", config=hf_cfg, torch_dtype=torch.float32, attn_implementation="sdpa")
-    model.config.use_cache = False
+        hf_dir, config=hf_cfg, torch_dtype=torch.float32, attn_implementation="sdpa")
+    model.config.use_cache = False   # its cache wants a Cache object; single calls need none
+    return model
+
+
+def worker_official(work: Path, models: Path, batch: int, seq: int) -> dict:
+    import torch
+
+    model = load_official_model(models, work / "hf", work)
     from _report import synthetic_batch
     cfg = mcpm_config(batch, seq)
     ids = torch.from_numpy(synthetic_batch(cfg.model.vocab_size, batch, seq)["inputs"]).long()
@@ -138,6 +147,7 @@ def worker_official(work: Path, models: Path, batch: int, seq: int) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
     out["step_s"] = best_of(step)
+    hf_cfg = model.config
     a = torch.ones(batch * seq, hf_cfg.hidden_size)
     b = torch.ones(hf_cfg.hidden_size, hf_cfg.intermediate_size)
     out["matmul_gflops"] = 2 * a.shape[0] * a.shape[1] * b.shape[1] / 1e9 / best_of(

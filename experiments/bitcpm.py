@@ -15,7 +15,6 @@ scratch.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import subprocess
 import sys
@@ -30,10 +29,10 @@ from _report import machine_info, write_report  # noqa: E402
 from mcpm.config import load_config  # noqa: E402
 
 # ~20M parameters (2.1M of them the 4096 x 512 embedding), muP from the tiny config's base width
-MODEL = ["model.hidden_size=512", "model.num_hidden_layers=6", "model.num_attention_heads=8",
+MODEL = ["model.hidden_size=512", "model.num_hidden_layers=7", "model.num_attention_heads=8",
          "model.num_key_value_heads=2", "model.intermediate_size=1280",
          "model.dim_model_base=64"]
-PLAN = {"seq_len": 128, "batch": 16, "stage1_steps": 300, "fractions": [0.1, 0.2, 0.4],
+PLAN = {"seq_len": 128, "batch": 16, "stage1_steps": 500, "fractions": [0.1, 0.2, 0.4],
         "group_size": 128, "group_fraction": 0.4, "eval_batches": 16,
         "stage1_lr": 0.01, "qat_lr": 0.005}
 

@@ -19,9 +19,7 @@ Writes ``experiments/results/bitcpm_official_check.json`` and prints both compar
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -31,6 +29,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "experiments"))
 
 PROMPT = 'def parse_header(line):\n    """Split a "Key: value" header line."""\n'
 
@@ -38,20 +37,8 @@ PROMPT = 'def parse_header(line):\n    """Split a "Key: value" header line."""\n
 def official_logits(models: Path, hf_dir: Path, ids: list[int], work: Path) -> np.ndarray:
     import torch
 
-    pkg = work / "official_minicpm"
-    pkg.mkdir()
-    for name in ("modeling_minicpm.py", "configuration_minicpm.py", "utils_quant.py"):
-        if (models / name).is_file():
-            shutil.copy(models / name, pkg / name)
-    (pkg / "__init__.py").write_text("")
-    sys.path.insert(0, str(work))
-    modeling = importlib.import_module("official_minicpm.modeling_minicpm")
-    configuration = importlib.import_module("official_minicpm.configuration_minicpm")
-    cfg = configuration.MiniCPMConfig.from_pretrained(hf_dir)
-    cfg.w_bits = 16        # copies with a QuantizeLinear (ParetoQ's) run it as a plain linear
-    model = modeling.MiniCPMForCausalLM.from_pretrained(hf_dir, config=cfg,
-                                                        torch_dtype=torch.float32)
-    model.config.use_cache = False   # its cache wants a Cache object; one call needs none
+    from bench_official_cpu import load_official_model
+    model = load_official_model(models, hf_dir, work)
     model.eval()
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].double().numpy()

@@ -87,6 +87,17 @@ def load_model_config(path: str | Path, **run_options) -> ModelConfig:
         raise ConfigError(f"{path}: {e}") from None
 
 
+def read_hf_template(path: str | Path) -> dict | None:
+    """The ``config.json`` a checkpoint directory's weights came with, if it kept one."""
+    file = Path(path) / HF_TEMPLATE
+    if not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{file}: cannot read it ({e})") from None
+
+
 def load_checkpoint(path: str | Path, **run_options
                     ) -> tuple[ModelConfig, dict | None, dict[str, np.ndarray]]:
     """(config, HF config template or None, numpy params) of an mcpm checkpoint directory."""
@@ -95,12 +106,7 @@ def load_checkpoint(path: str | Path, **run_options
         raise CheckpointError(f"{path} is not an mcpm checkpoint (needs {MODEL_YAML} and "
                               f"{PARAMS_DIR}/)")
     cfg = load_model_config(path, **run_options)
-    template = None
-    if (path / HF_TEMPLATE).is_file():
-        try:
-            template = json.loads((path / HF_TEMPLATE).read_text())
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{path / HF_TEMPLATE}: cannot read it ({e})") from None
+    template = read_hf_template(path)
     try:
         params = _checkpointer().restore((path / PARAMS_DIR).absolute())
     except Exception as e:  # orbax raises many types for damaged trees

@@ -310,14 +310,24 @@ def cmd_demo(args) -> int:
 
 # -- parser --------------------------------------------------------------------------------------
 
-def _positive_int(text: str) -> int:
+def _int_at_least(lowest: int, text: str) -> int:
+    what = "a positive integer" if lowest == 1 else f"an integer >= {lowest}"
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if value < lowest:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _int_at_least(1, text)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an int >= 0."""
+    return _int_at_least(0, text)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,20 +15,14 @@ import mcpm
 import mcpm.quant.packed as packed_mod
 from mcpm.api import load_params, model_from_params, params_of
 from mcpm.checkpoint import save_checkpoint
-from mcpm.config import ModelConfig, QuantConfig
+from mcpm.config import QuantConfig
 from mcpm.hf import CheckpointError
 from mcpm.model.minicpm4 import PackedTernary, matrix_dims, param_shapes
 from mcpm.quant.packed import PACKED_FILE, load_packed, write_packed
 from mcpm.quant.qat import (HIDDEN_MATRICES, QUANT_FILE, quant_info, recover_ternary,
                             ternarize_params)
 
-
-def tiny_cfg(**kw) -> ModelConfig:
-    return ModelConfig(**{**dict(vocab_size=256, hidden_size=64, intermediate_size=128,
-                                 num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=2, max_position_embeddings=128,
-                                 dim_model_base=16, eos_token_id=(2,), initializer_range=0.3),
-                          **kw})
+from test_quant_export import tiny_cfg
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from mcpm.cli import non_negative_int
+
 
 def _ternarize(args: argparse.Namespace) -> int:
     from mcpm.quant.export import ternarize_command
@@ -13,16 +15,6 @@ def _ternarize(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from mcpm.quant.export import export_command
     return export_command(args)
-
-
-def _group_size(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
-    return value
 
 
 def register(sub) -> None:
@@ -35,7 +27,7 @@ def register(sub) -> None:
                                           "checkpoint (absmean, post-training)")
     t.add_argument("checkpoint", help="mcpm checkpoint or HF directory of a float model")
     t.add_argument("out")
-    t.add_argument("--group-size", type=_group_size, default=0,
+    t.add_argument("--group-size", type=non_negative_int, default=0,
                    help="rows of the input axis that share a scale (default 0: one scale per "
                         "matrix and layer); must divide every quantized matrix's input size")
     t.add_argument("--embeddings", action="store_true",

@@ -39,7 +39,7 @@ import ml_dtypes
 import numpy as np
 import yaml
 
-from mcpm.checkpoint import HF_TEMPLATE, MODEL_YAML, load_model_config
+from mcpm.checkpoint import HF_TEMPLATE, MODEL_YAML, load_model_config, read_hf_template
 from mcpm.config import ModelConfig, to_dict
 from mcpm.hf import CheckpointError, atomic_output_dir, check_output_dir, copy_aux_files
 from mcpm.model.minicpm4 import DTYPES, MiniCPM4, Packing, matrix_dims, param_shapes
@@ -201,12 +201,7 @@ def load_packed(path: str | Path, **run_options) -> PackedCheckpoint:
         raise CheckpointError(f"{path / QUANT_FILE}: missing or not a packed checkpoint's record "
                               "(needs \"packing\": \"tq2\" or \"tq1\" and \"packed\": the packed "
                               "layer matrices); export the checkpoint again")
-    template = None
-    if (path / HF_TEMPLATE).is_file():
-        try:
-            template = json.loads((path / HF_TEMPLATE).read_text())
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{path / HF_TEMPLATE}: cannot read it ({e})") from None
+    template = read_hf_template(path)
     packing = Packing(fmt, tuple(names), info["group_size"])
     file = path / PACKED_FILE
     if packing.group_size:
