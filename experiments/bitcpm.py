@@ -48,6 +48,8 @@ def run(cfg) -> dict:
     from mcpm.train.loop import train
     t0 = time.perf_counter()
     out = train(cfg, progress=True)
+    if out["preempted"]:     # stopped by a signal: its checkpoint is saved, rerun to go on
+        raise SystemExit(f"{cfg.train.workdir}: stopped by {out['signal']}; rerun to resume")
     out["seconds"] = out.get("seconds") or time.perf_counter() - t0
     return out
 
