@@ -277,3 +277,29 @@ def test_quant_config_errors():
         config("/tmp/x", "quant.group_size=8")
     with pytest.raises(ConfigError, match="train.init_from"):
         config("/tmp/x", "quant.method=ternary", "quant.distill_weight=1")
+
+
+def test_qat_in_bfloat16_with_remat_and_accumulation_runs_the_ternary_model():
+    """bfloat16 compute casts q * s to bfloat16, which is q times the rounded scale: the logits
+    are the reference ternary model's up to bfloat16 rounding, far closer to them than the
+    float model's are (a random model's logits are small, so its losses say too little)."""
+    from mcpm.train.step import ModelApply
+    cfg = dataclasses.replace(MODEL, compute_dtype="bfloat16", remat="full")
+    q = QuantConfig(method="ternary", group_size=16)
+    params = random_params(9)
+    data = batch(10, b=4)
+    ids, pos = jnp.asarray(data["inputs"]), jnp.asarray(data["positions"])
+    tern = {k: (ref_ternary(v, IN_AXES[k], 16).astype(np.float32)
+                if k in qat.HIDDEN_MATRICES else v) for k, v in params.items()}
+    want = np.asarray(model_from_params(MODEL, tern)(ids, positions=pos))
+    float_gap = np.abs(np.asarray(model_from_params(MODEL, params)(ids, positions=pos)) - want)
+    got = jax.jit(lambda p: ModelApply(cfg, q).model(p)(ids, positions=pos))(params)
+    gap = np.abs(np.asarray(got) - want)
+    assert gap.max() < 0.25 * float_gap.max(), (gap.max(), float_gap.max())
+    # the step under bfloat16, remat and accumulation updates the float32 latent weights
+    tx = make_optimizer(params, cfg, OptimizerConfig(), SCHED, total_steps=10)
+    step = jax.jit(make_train_step(cfg, tx, wsd_schedule(SCHED, 10), quant=q, accum_steps=2))
+    state, metrics = step(init_state(jax.tree.map(jnp.asarray, params), tx), data)
+    assert np.isfinite(float(metrics["loss"]))
+    assert not np.array_equal(np.asarray(state["params"]["down"]), params["down"])
+    assert state["params"]["down"].dtype == jnp.float32
