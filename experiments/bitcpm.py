@@ -1,8 +1,9 @@
 """BitCPM4 on this machine: held-out loss of a float model, its post-training ternarisation
 (PTQ), ternary QAT from it with 10%, 20% and 40% of its tokens, QAT from scratch with the same
 total tokens, per-matrix against group scales, and the float model trained on QAT 40%'s extra
-tokens without quantization (what the extra tokens alone give); then the size of every export
-format.
+tokens without quantization (what the extra tokens alone give) and a float model trained from
+scratch as long as the ternary one (what ternary costs at equal tokens and schedule); then the
+size of every export format.
 
     python experiments/bitcpm.py [--workdir runs/bitcpm] [--out experiments/results] [--smoke]
 
@@ -92,7 +93,7 @@ def export_sizes(model_dir: Path, float_dir: Path, work: Path) -> list[dict]:
             ("packed tq1", model_dir, ["--format", "packed", "--packing", "tq1"]),
             ("gguf TQ2_0", model_dir, ["--format", "gguf", "--packing", "tq2"]),
             ("gguf TQ1_0", model_dir, ["--format", "gguf", "--packing", "tq1"]),
-            ("gguf float (F16)", float_dir, ["--format", "gguf"])]
+            ("gguf float (F32)", float_dir, ["--format", "gguf"])]
     for label, src, args in jobs:
         out = work / "exports" / label.split(" (")[0].replace(" ", "_")
         out = out.with_name(out.name + ("_float" if src == float_dir else ""))
@@ -120,7 +121,7 @@ def plot(results: dict, path: Path) -> None:
     for name, curve in results["curves"].items():
         if not curve:
             continue
-        offset = 0 if name in ("float", "scratch") else s1
+        offset = 0 if name == "float" or "from scratch" in name else s1
         xs = [(offset + s) * tokens / 1e6 for s, _ in curve]
         ax1.plot(xs, [v for _, v in curve], marker="o", ms=3, label=name)
     ax1.axvline(s1 * tokens / 1e6, color="grey", lw=0.8, ls=":")
@@ -203,11 +204,18 @@ def main() -> None:
     print(f"== ternary QAT from scratch ({scratch_steps} steps)", flush=True)
     runs["scratch"] = run(cfg("scratch", *tern, *schedule(scratch_steps, plan["stage1_lr"])))
 
+    # and the float model of the same single run: what ternary costs at equal tokens and schedule
+    print(f"== float from scratch ({scratch_steps} steps)", flush=True)
+    runs["float_long"] = run(cfg("float_long", *schedule(scratch_steps, plan["stage1_lr"])))
+
     tokens_per_step = plan["seq_len"] * plan["batch"]
     final = {"float": runs["float"]["eval_loss"], **ptq}
     final.update({name: runs[name]["eval_loss"] for name in qat})
     final[f"QAT from scratch ({scratch_steps} steps)"] = runs["scratch"]["eval_loss"]
-    curves = {"float": eval_curve(work / "float"), "scratch": eval_curve(work / "scratch"),
+    final[f"float from scratch ({scratch_steps} steps)"] = runs["float_long"]["eval_loss"]
+    curves = {"float": eval_curve(work / "float"),
+              "QAT from scratch": eval_curve(work / "scratch"),
+              "float from scratch": eval_curve(work / "float_long"),
               **{name: eval_curve(Path(runs[name]["run_dir"])) for name in qat}}
     sizes = [] if args.smoke else export_sizes(
         Path(runs["QAT 40%"]["model"]), float_model, work)
@@ -229,7 +237,8 @@ def report(r: dict, suffix: str) -> str:
              f"{r['params'] / 1e6:.1f}M-parameter MiniCPM4 ({', '.join(x.split('.', 1)[1] for x in r['model'])}), "
              f"{r['plan']['batch']} x {r['plan']['seq_len']} tokens per step; held-out loss on "
              f"{r['plan']['eval_batches']} batches of the corpus' validation split. "
-             f"{r['minutes']:.0f} min on {m.get('cpu', '?')} ({m.get('nproc', '?')} cores).", "",
+             f"On {m.get('cpu', '?')} ({m.get('nproc', '?')} cores); this invocation took "
+             f"{r['minutes']:.0f} min (runs finished by an earlier one are reused).", "",
              "| variant | tokens (M) | held-out loss | vs float |", "|---|---|---|---|"]
     fl = r["final"]["float"]
     for name, v in r["final"].items():
@@ -237,7 +246,7 @@ def report(r: dict, suffix: str) -> str:
             t = s1 * tok
         elif name.startswith("PTQ"):
             t = s1 * tok
-        elif name.startswith("QAT from scratch"):
+        elif "from scratch" in name:
             t = r["scratch_steps"] * tok
         else:
             t = (s1 + r["qat_steps"][name]) * tok
