@@ -33,27 +33,16 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from mcpm_kernels.ternary import ternary_matmul_pallas
 
 
-def lower_decode(cfg, packing, batch: int, cache_len: int, rep):
-    """The packed model's decode step, traced under the sharding hints of ``rep``'s (TPU) mesh
-    as ``mcpm aot`` traces: the model picks its kernels for those devices, not this host."""
-    from flax import nnx
-
-    from mcpm.model.minicpm4 import KVCache, MiniCPM4
-    from mcpm.model.sharding_hints import activation_sharding
-    graphdef, state = nnx.split(nnx.eval_shape(
-        lambda: MiniCPM4(cfg, rngs=nnx.Rngs(0), packing=packing)))
-    cache = jax.eval_shape(lambda: KVCache.create(cfg, batch, cache_len))
-
-    def decode(state, ids, cache):
-        with activation_sharding(lambda axes, shape: rep):
-            return nnx.merge(graphdef, state)(ids, cache=cache)
-    ids = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
-    return jax.jit(decode, in_shardings=rep, donate_argnums=2).trace(state, ids, cache).lower()
+def one_device(topology: str) -> NamedSharding:
+    """A one-device mesh of ``topology``'s (libtpu's description of a TPU slice) first chip."""
+    devices = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
+    return NamedSharding(Mesh(np.array(devices[:1]), ("x",)), PartitionSpec())
 
 
 def decode_table(args):
     from mcpm.config import load_config
     from mcpm.model.minicpm4 import Packing
+    from mcpm.quant.packed import lower_packed_decode
     from mcpm.quant.qat import HIDDEN_MATRICES
     cfg = load_config(args.decode).model
     print(f"{args.decode}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
@@ -62,15 +51,14 @@ def decode_table(args):
     print("| topology | B | packing | g | compile s | calls | args MiB | out MiB | temp MiB |")
     print("|---|---|---|---|---|---|---|---|---|")
     for topo in args.topologies:
-        devices = topologies.get_topology_desc(platform="tpu", topology_name=topo).devices
-        rep = NamedSharding(Mesh(np.array(devices[:1]), ("x",)), PartitionSpec())
+        rep = one_device(topo)
         for grp in args.groups:
             g = 0 if grp == "none" else int(grp)
             for fmt in ("tq2", "tq1"):
                 for m in args.m:
                     t0 = time.time()
-                    lowered = lower_decode(cfg, Packing(fmt, HIDDEN_MATRICES, g), m,
-                                           args.cache_len, rep)
+                    lowered = lower_packed_decode(cfg, Packing(fmt, HIDDEN_MATRICES, g), m,
+                                                  args.cache_len, rep)
                     mem = lowered.compile().memory_analysis()
                     print(f"| {topo} | {m} | {fmt} | {grp} | {time.time() - t0:.1f} | "
                           f"{lowered.as_text().count('@tpu_custom_call')} | "
@@ -95,8 +83,7 @@ def main():
     print("| topology | M | K x N | g | compile s | calls | args MiB | out MiB | temp KiB |")
     print("|---|---|---|---|---|---|---|---|---|")
     for topo in args.topologies:
-        devices = topologies.get_topology_desc(platform="tpu", topology_name=topo).devices
-        rep = NamedSharding(Mesh(np.array(devices[:1]), ("x",)), PartitionSpec())
+        rep = one_device(topo)
         for shape in args.shapes:
             k, n = (int(v) for v in shape.split("x"))
             for grp in args.groups:

@@ -802,23 +802,28 @@ class Config:
         if q.distill_weight and t.loss_chunk:
             raise ConfigError("quant.distill_weight > 0 needs the whole-sequence logits: set "
                               "train.loss_chunk=0")
-        if q.group_size:
-            _check_group_divides(q.group_size, self.model, q)
+        problem = group_size_problem(q, self.model)
+        if problem:
+            raise ConfigError(f"quant.group_size={q.group_size} {problem}")
 
 
-def _check_group_divides(g: int, model: ModelConfig, q: QuantConfig) -> None:
-    """Every quantized matrix's input dimension must be a multiple of quant.group_size."""
+def group_size_problem(q: QuantConfig, model: ModelConfig) -> Optional[str]:
+    """Why ``q.group_size`` does not fit ``model`` (None when it does): every quantized
+    matrix's input dimension must be a multiple of it."""
+    g = q.group_size
+    if not g:
+        return None
     inputs = {"hidden_size (q, k, v, gate, up)": model.hidden_size,
               "num_attention_heads * head_dim (o)": model.num_attention_heads * model.head_dim,
               "intermediate_size (down)": model.intermediate_size}
     if q.embeddings or q.head:
         inputs["hidden_size (embeddings / head)"] = model.hidden_size
     bad = [f"{name} = {n}" for name, n in inputs.items() if n % g]
-    if bad:
-        common = math.gcd(*inputs.values())
-        raise ConfigError(f"quant.group_size={g} does not divide the input dimension of "
-                          f"{', '.join(bad)}: use a divisor of {common} (or 0 for one scale "
-                          "per matrix)")
+    if not bad:
+        return None
+    common = math.gcd(*inputs.values())
+    return (f"does not divide the input dimension of {', '.join(bad)}: use a divisor of "
+            f"{common} (or 0 for one scale per matrix)")
 
 
 # --------------------------------------------------------------------------------------------

@@ -91,9 +91,10 @@ USER_ERRORS = [
      r"Export it as it is \(`mcpm quant export \S+ OUT --format hf\|packed\|gguf`\) or ternarize "
      r"the float checkpoint it was made from"),
     (["quant", "ternarize", "{root}/float", "{tmp}/out", "--group-size", "48"],
-     r"mcpm quant ternarize: error: --group-size 48 does not divide the input size of q \(64\), "
-     r"k \(64\), .* down \(128\) in \S+/float; use a divisor of 64 \(e\.g\. .*32, 64\) or 0 for "
-     r"one scale per matrix and layer"),
+     r"mcpm quant ternarize: error: --group-size 48 does not divide the input dimension of "
+     r"hidden_size \(q, k, v, gate, up\) = 64, num_attention_heads \* head_dim \(o\) = 64, "
+     r"intermediate_size \(down\) = 128: use a divisor of 64 \(or 0 for one scale per "
+     r"matrix\), in \S+/float"),
     (["quant", "ternarize", "{root}/float", "{tmp}/out", "--head"],
      r"mcpm quant ternarize: error: --head: \S+/float ties lm_head to the embedding "
      r"\(tie_word_embeddings\); pass --embeddings to ternarize the shared matrix"),

@@ -22,7 +22,7 @@ from mcpm.checkpoint import save_checkpoint
 from mcpm.config import ModelConfig, QuantConfig
 from mcpm.model.attention import attention_target
 from mcpm.model.minicpm4 import KVCache, MiniCPM4, Packing
-from mcpm.quant.packed import write_packed
+from mcpm.quant.packed import lower_packed_decode, write_packed
 from mcpm.quant.qat import HIDDEN_MATRICES, QUANT_FILE, quant_info, ternarize_params
 
 # Every matrix dim a multiple of 128 (the kernel's lane tile): q/k/v/o/gate/up read 256 inputs
@@ -144,26 +144,17 @@ def test_the_float_models_program_does_not_depend_on_the_target():
 # ------------------------------------------------------------------------------------------
 
 def lower_decode_for_tpu(fmt, batch, group_size=0, cache_len=256):
-    """The decode step (T = 1 over a KV cache) of a bfloat16 packed model, traced under the
-    sharding hints of a one-device v5e mesh, as `mcpm aot` traces for a TPU slice: the target
-    platform comes from the hints' devices, not from this host's backend."""
-    from jax.experimental import topologies
+    """The decode step of a bfloat16 packed model traced for a one-device v5e mesh, as `mcpm
+    aot` traces for a TPU slice: the target platform comes from the hints' devices, not from
+    this host's backend."""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-    from mcpm.model.sharding_hints import activation_sharding
-    devices = topologies.get_topology_desc(platform="tpu", topology_name="v5e:1x1").devices
+    from mcpm.train.aot import topology_devices
+    devices = topology_devices("v5e:1x1")[0]
     rep = NamedSharding(Mesh(np.array(devices[:1]), ("x",)), PartitionSpec())
     cfg = ModelConfig(**{**CFG, "param_dtype": "bfloat16", "compute_dtype": "bfloat16"})
-    packing = Packing(fmt, HIDDEN_MATRICES, group_size)
-    graphdef, state = nnx.split(nnx.eval_shape(
-        lambda: MiniCPM4(cfg, rngs=nnx.Rngs(0), packing=packing)))
-    cache = jax.eval_shape(lambda: KVCache.create(cfg, batch, cache_len))
-
-    def decode(state, ids, cache):
-        with activation_sharding(lambda axes, shape: rep):
-            return nnx.merge(graphdef, state)(ids, cache=cache)
-    ids = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
-    return jax.jit(decode, in_shardings=rep, donate_argnums=2).trace(state, ids, cache).lower()
+    return lower_packed_decode(cfg, Packing(fmt, HIDDEN_MATRICES, group_size), batch,
+                               cache_len, rep)
 
 
 needs_libtpu = pytest.mark.skipif(

@@ -90,8 +90,13 @@ class Packing(NamedTuple):
 
 
 def matrix_dims(name: str, shape: tuple[int, ...]) -> tuple[int, int]:
-    """(in, out) of the matrix a stacked layer parameter multiplies by (``o``'s input is both
-    head axes)."""
+    """(in, out) of the matrix a parameter multiplies by: per layer for the stacked layer
+    parameters (``o``'s input is both head axes), ``[H, V]`` for ``lm_head`` and for ``embed``
+    (the tied head reads the ``[V, H]`` table transposed)."""
+    if name == "embed":
+        return shape[1], shape[0]
+    if name == "lm_head":
+        return shape[0], shape[1]
     n_in = 2 if name == "o" else 1
     return math.prod(shape[1:1 + n_in]), math.prod(shape[1 + n_in:])
 

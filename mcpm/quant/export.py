@@ -18,16 +18,14 @@ Every output is written atomically: nothing at OUT on failure, an existing OUT r
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 
 from mcpm.checkpoint import save_checkpoint
-from mcpm.config import QuantConfig
+from mcpm.config import QuantConfig, group_size_problem
 from mcpm.hf import check_output_dir, write_hf_checkpoint
-from mcpm.model.minicpm4 import param_shapes
 from mcpm.quant.packed import require_ternary, write_packed
 from mcpm.quant.qat import (QUANT_FILE, as_matrices, quant_info, quantized_names,
                             recover_ternary, ternarize_params)
@@ -44,13 +42,6 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1000
     raise AssertionError
-
-
-def _input_size(name: str, shape: tuple[int, ...]) -> int:
-    """The input axis length of a parameter's matrix view (mcpm.quant.qat.as_matrices)."""
-    if name in ("embed", "lm_head"):
-        return shape[1] if name == "embed" else shape[0]
-    return math.prod(shape[1:3]) if name == "o" else shape[1]
 
 
 def ternarize_checkpoint(src: str | Path, out: str | Path, *, group_size: int = 0,
@@ -76,18 +67,9 @@ def ternarize_checkpoint(src: str | Path, out: str | Path, *, group_size: int = 
     qcfg = QuantConfig(method="ternary", group_size=group_size, embeddings=embeddings,
                        head=head)
     names = quantized_names(qcfg, cfg)
-    shapes = param_shapes(cfg)
-    if group_size:
-        sizes = {n: _input_size(n, shapes[n]) for n in names}
-        bad = {n: k for n, k in sizes.items() if k % group_size}
-        if bad:
-            common = math.gcd(*sizes.values())
-            divisors = [d for d in range(1, common + 1) if common % d == 0]
-            shown = ", ".join(map(str, divisors[-8:]))
-            listed = ", ".join(f"{n} ({k})" for n, k in bad.items())
-            raise QuantError(f"--group-size {group_size} does not divide the input size of "
-                             f"{listed} in {src}; use a divisor of {common} (e.g. {shown}) or "
-                             "0 for one scale per matrix and layer")
+    problem = group_size_problem(qcfg, cfg)
+    if problem:
+        raise QuantError(f"--group-size {group_size} {problem}, in {src}")
     tparams = ternarize_params(params, qcfg, cfg)
     del params
     zeros = sum(int(np.count_nonzero(tparams[n] == 0)) for n in names)

@@ -264,3 +264,27 @@ def packed_model(ckpt: PackedCheckpoint):
     nnx.replace_by_pure_dict(state, pure)
     return nnx.merge(graphdef, state)
 
+
+
+def lower_packed_decode(cfg: ModelConfig, packing: Packing, batch: int, cache_len: int,
+                        sharding):
+    """The decode step (one new token over a ``cache_len``-slot KV cache) of a packed model,
+    lowered without weights under the activation hints of ``sharding``: with a TPU slice's
+    sharding it is the TPU program (Pallas kernels included) whatever this host is, as
+    ``mcpm aot`` traces."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from mcpm.model.minicpm4 import KVCache
+    from mcpm.model.sharding_hints import activation_sharding
+    graphdef, state = nnx.split(nnx.eval_shape(
+        lambda: MiniCPM4(cfg, rngs=nnx.Rngs(0), packing=packing)))
+    cache = jax.eval_shape(lambda: KVCache.create(cfg, batch, cache_len))
+
+    def decode(state, ids, cache):
+        with activation_sharding(lambda axes, shape: sharding):
+            return nnx.merge(graphdef, state)(ids, cache=cache)
+    ids = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
+    return jax.jit(decode, in_shardings=sharding, donate_argnums=2).trace(
+        state, ids, cache).lower()

@@ -28,7 +28,6 @@ are grouped (:func:`recover_ternary` gets q and the scales back exactly).
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Optional
 
@@ -37,13 +36,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from mcpm.config import ModelConfig, QuantConfig
+from mcpm.model.minicpm4 import matrix_dims
 from mcpm.quant.ternary import QuantError, dequantize, ternarize, ternary_ste
 
 HIDDEN_MATRICES = ("q", "k", "v", "o", "gate", "up", "down")
 QUANT_FILE = "quant.json"
-
-# number of leading (input) axes after the layer axis that form a matrix's input
-_IN_DIMS = {"q": 1, "k": 1, "v": 1, "o": 2, "gate": 1, "up": 1, "down": 1}
 
 
 def quantized_names(qcfg: QuantConfig, model_cfg: ModelConfig) -> tuple[str, ...]:
@@ -68,9 +65,7 @@ def as_matrices(name: str, w):
         return jnp.swapaxes(w, -1, -2)
     if name == "lm_head":
         return w
-    n_in = _IN_DIMS[name]
-    lead, ins, outs = w.shape[:1], w.shape[1:1 + n_in], w.shape[1 + n_in:]
-    return w.reshape(*lead, math.prod(ins), math.prod(outs))
+    return w.reshape(w.shape[0], *matrix_dims(name, w.shape))
 
 
 def from_matrices(name: str, m, shape: tuple[int, ...]):
